@@ -1,0 +1,263 @@
+"""The one config tree of mistral-ray, and the only home of its defaults.
+
+A deployment file under `deployments/` is a plain Ray Serve config file (`serve run` / `serve deploy` /
+a RayService's `serveConfigV2` take it as is); the application's `args` are a `ServiceConfig`. Everything
+else (Serve deployment options, vLLM engine arguments, replica environment) is derived from it here so
+that local runs and clusters cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Relative paths in a config (model dirs, state) are taken from here, not from the process cwd: Serve
+# builds applications in worker processes whose cwd is not the user's.
+STATE_DIR = PROJECT_ROOT / ".state"
+
+APP_IMPORT_PATH = "mistral_ray.app:build_app"
+LLM_DEPLOYMENT = "LLMServer"
+ROUTER_DEPLOYMENT = "Router"
+
+
+class ConfigError(ValueError):
+    """A deployment file that cannot be served; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field("tiny-mistral", min_length=1, description="Model id clients send as `model`.")
+    source: str = Field(
+        ".state/models/tiny-mistral",
+        min_length=1,
+        description="Local checkpoint directory (relative paths are from the project root) or a Hugging "
+        "Face repo id such as mistralai/Mistral-7B-Instruct-v0.1, loaded by vLLM on the replica.",
+    )
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of `source`.")
+    build_tiny: bool = Field(
+        True,
+        description="Build the embedded tiny Mistral at `source` when the directory is missing "
+        "(laptops and tests; no downloads). Must be false for hub checkpoints.",
+    )
+
+    def resolved_source(self) -> str:
+        """An absolute path for local checkpoints; hub ids are passed through."""
+        path = Path(self.source)
+        if path.is_absolute() or self.build_tiny or self.source.startswith("."):
+            return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
+        local = PROJECT_ROOT / path
+        return str(local.resolve()) if local.exists() else self.source
+
+
+class EngineConfig(_Strict):
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Which vLLM build the replicas run.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and activations dtype; `auto` takes the checkpoint's."
+    )
+    max_model_len: Optional[int] = Field(
+        2048, ge=16, description="Context length (prompt + completion) in tokens; null: the model's."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Sequences the engine batches at once.")
+    max_num_batched_tokens: Optional[int] = Field(None, ge=16, description="Tokens per engine step.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    cpu_kvcache_space_gib: float = Field(
+        1.0, gt=0, description="KV cache per replica on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of GPU memory vLLM may use (weights + KV) on CUDA."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
+    enforce_eager: bool = Field(True, description="Skip CUDA graph / compile warm-up (faster start).")
+    seed: int = Field(0, description="Engine seed; requests with their own `seed` stay reproducible.")
+
+
+class ScalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest LLM replicas (0 allows scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most LLM replicas.")
+    initial_replicas: Optional[int] = Field(None, ge=0, description="Replicas at start; default min.")
+    replica_cpus: float = Field(
+        0.5, ge=0, description="Ray CPUs reserved per LLM replica. The CPU default fits a router and "
+        "two replicas on a 2-core machine; the engine's threads are not limited by it."
+    )
+    replica_gpus: float = Field(0, ge=0, description="Ray GPUs reserved per LLM replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve sends one replica at once.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Per-replica load the autoscaler aims at (when min < max)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ScalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        init = self.initial_replicas
+        if init is not None and not self.min_replicas <= init <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({init}) outside [min_replicas, max_replicas]")
+        return self
+
+
+class RouterConfig(_Strict):
+    num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved per router replica.")
+    min_replicas: int = Field(1, ge=1, description="Fewest router replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most router replicas.")
+    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one router replica holds.")
+    ready_timeout_s: float = Field(5.0, gt=0, description="How long /ready waits on a replica.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RouterConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServiceConfig(_Strict):
+    """One served model: what it is, how its engines run, how many replicas, how the router behaves."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServiceConfig":
+        if self.engine.device == "cuda" and self.scaling.replica_gpus < self.engine.tensor_parallel_size:
+            raise ValueError(
+                "scaling.replica_gpus must be >= engine.tensor_parallel_size on device cuda "
+                f"({self.scaling.replica_gpus} < {self.engine.tensor_parallel_size})"
+            )
+        if self.engine.device == "cpu" and self.scaling.replica_gpus:
+            raise ValueError("scaling.replica_gpus must be 0 on device cpu")
+        return self
+
+    # --- derived options: the only translation from our config to Ray Serve and vLLM ----------------
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's `AsyncEngineArgs`."""
+        e = self.engine
+        kwargs: dict[str, Any] = dict(
+            model=self.model.resolved_source(),
+            served_model_name=[self.model.name],
+            revision=self.model.revision,
+            dtype=e.dtype,
+            max_model_len=e.max_model_len,
+            max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            enable_prefix_caching=e.enable_prefix_caching,
+            tensor_parallel_size=e.tensor_parallel_size,
+            enforce_eager=e.enforce_eager,
+            seed=e.seed,
+        )
+        if e.device == "cuda":
+            kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def replica_env(self) -> dict[str, str]:
+        """Environment of each LLM replica process (read by vLLM at import)."""
+        env = {"VLLM_CACHE_ROOT": str(STATE_DIR / "vllm-cache"), "TOKENIZERS_PARALLELISM": "false"}
+        if self.engine.device == "cpu":
+            env["VLLM_TARGET_DEVICE"] = "cpu"
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.engine.cpu_kvcache_space_gib:g}"
+            # Replicas share the machine's cores; pinning OMP threads to the same cores would serialize them.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        return env
+
+    def llm_deployment_options(self) -> dict[str, Any]:
+        s = self.scaling
+        opts: dict[str, Any] = dict(
+            name=LLM_DEPLOYMENT,
+            max_ongoing_requests=s.max_ongoing_requests,
+            ray_actor_options=dict(
+                num_cpus=s.replica_cpus,
+                num_gpus=s.replica_gpus,
+                runtime_env={"env_vars": self.replica_env()},
+            ),
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+        )
+        if s.min_replicas == s.max_replicas:
+            opts["num_replicas"] = s.min_replicas
+        else:
+            opts["autoscaling_config"] = dict(
+                min_replicas=s.min_replicas,
+                max_replicas=s.max_replicas,
+                initial_replicas=s.initial_replicas,
+                target_ongoing_requests=s.target_ongoing_requests,
+            )
+        return opts
+
+    def router_deployment_options(self) -> dict[str, Any]:
+        r = self.router
+        opts: dict[str, Any] = dict(
+            name=ROUTER_DEPLOYMENT,
+            max_ongoing_requests=r.max_ongoing_requests,
+            ray_actor_options=dict(num_cpus=r.num_cpus),
+        )
+        if r.min_replicas == r.max_replicas:
+            opts["num_replicas"] = r.min_replicas
+        else:
+            opts["autoscaling_config"] = dict(min_replicas=r.min_replicas, max_replicas=r.max_replicas)
+        return opts
+
+
+class HttpOptions(BaseModel):
+    """The part of Serve's `http_options` our CLI needs; the rest is Serve's to validate."""
+
+    model_config = ConfigDict(extra="allow")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class DeploymentFile(BaseModel):
+    """A Serve config file holding one mistral-ray application."""
+
+    model_config = ConfigDict(frozen=True)
+    path: Path
+    raw: dict[str, Any]
+    http: HttpOptions
+    app_name: str
+    route_prefix: str
+    service: ServiceConfig
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http.host}:{self.http.port}{self.route_prefix.rstrip('/')}"
+
+
+def parse_service(args: dict[str, Any] | None, where: str = "args") -> ServiceConfig:
+    """Validate application args; errors name each offending field by its dotted path."""
+    try:
+        return ServiceConfig.model_validate(args or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}.{loc}: {err['msg']}" if loc else f"  {where}: {err['msg']}")
+        raise ConfigError(f"invalid mistral-ray config:\n" + "\n".join(lines)) from None
+
+
+def load_deployment(path: str | os.PathLike) -> DeploymentFile:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    apps = [a for a in raw.get("applications") or [] if a.get("import_path") == APP_IMPORT_PATH]
+    if len(apps) != 1:
+        raise ConfigError(f"{path}: expected one application with import_path {APP_IMPORT_PATH}")
+    app = apps[0]
+    idx = raw["applications"].index(app)
+    where = f"{path}: applications[{idx}].args"
+    return DeploymentFile(
+        path=path,
+        raw=raw,
+        http=HttpOptions.model_validate(raw.get("http_options") or {}),
+        app_name=app.get("name", "default"),
+        route_prefix=app.get("route_prefix", "/"),
+        service=parse_service(app.get("args"), where),
+    )

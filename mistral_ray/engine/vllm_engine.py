@@ -1,0 +1,145 @@
+"""One vLLM AsyncLLM engine plus vLLM's own OpenAI serving layer, as `vllm serve` builds them.
+
+We reuse vLLM's protocol models and serving classes (chat templates, stop, n, seed, logprobs, usage) and
+only adapt their results to our hop: a status and either a JSON body or the SSE text chunks vLLM yields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Union
+
+from pydantic import ValidationError
+from starlette.datastructures import State
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.exceptions import VLLMClientError
+from vllm.usage.usage_lib import UsageContext
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from mistral_ray.protocol import error_json
+
+Body = Union[str, AsyncIterator[str]]
+ROUTES = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+
+
+def _server_args(engine_kwargs: dict[str, Any]):
+    """The argparse namespace `vllm serve` would build for these engine arguments."""
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+    for key, value in engine_kwargs.items():
+        if not hasattr(args, key):
+            raise ValueError(f"unknown vLLM engine argument {key!r}")
+        setattr(args, key, value)
+    args.disable_log_stats = False
+    return args
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    return f"{param}: {err['msg']}" if param else err["msg"], param
+
+
+def _reject_overlong(serving: Any, render: str) -> None:
+    """Make `serving.<render>` reject prompt + max_tokens beyond the context, as OpenAI does.
+
+    vLLM silently clamps max_tokens to the room left in the context; clients written against OpenAI expect
+    a 400 instead of a shorter answer. The check runs on the rendered prompt, so nothing is tokenized twice.
+    """
+    inner = getattr(serving, render)
+    limit = serving.model_config.max_model_len
+
+    async def checked(request, *args, **kwargs):
+        result = await inner(request, *args, **kwargs)
+        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if wanted is None or isinstance(result, ErrorResponse):
+            return result
+        inputs = result[1] if isinstance(result, tuple) else result
+        for engine_input in inputs:
+            prompt = serving._extract_prompt_len(engine_input)
+            if prompt + wanted > limit:
+                return serving.create_error_response(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{prompt + wanted} tokens ({prompt} in the prompt, {wanted} for the completion). "
+                    "Please reduce the length of the prompt or of max_tokens.",
+                    param="max_tokens",
+                )
+        return result
+
+    setattr(serving, render, checked)
+
+
+class VLLMEngine:
+    """A started engine. Built by `start`; the replica owns exactly one."""
+
+    def __init__(self, llm: AsyncLLM, state: State):
+        self.llm = llm
+        self._handlers = {
+            "chat": state.openai_serving_chat.create_chat_completion,
+            "completions": state.openai_serving_completion.create_completion,
+        }
+        self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
+        _reject_overlong(state.openai_serving_chat, "render_chat_request")
+        _reject_overlong(state.openai_serving_completion, "render_completion_request")
+
+    @classmethod
+    async def start(cls, engine_kwargs: dict[str, Any]) -> "VLLMEngine":
+        args = _server_args(engine_kwargs)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        llm = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=False,
+            disable_log_stats=False,
+        )
+        state = State()
+        await init_app_state(llm, state, args, await llm.get_supported_tasks())
+        return cls(llm, state)
+
+    async def handle(self, route: str, body: bytes) -> tuple[int, Body]:
+        """Run one OpenAI request; returns (status, JSON text) or (200, SSE chunk stream)."""
+        try:
+            request = ROUTES[route].model_validate_json(body)
+        except ValidationError as exc:
+            message, param = _validation_message(exc)
+            return 400, error_json(400, message, param)
+        try:
+            result = await self._handlers[route](request, None)
+        except (ValueError, VLLMClientError) as exc:
+            result = self._serving[route].create_error_response(exc)
+        if isinstance(result, ErrorResponse):
+            err = result.error
+            return err.code, error_json(err.code, err.message, err.param)
+        if hasattr(result, "model_dump_json"):
+            return 200, result.model_dump_json()
+        return 200, result
+
+    def info(self) -> dict[str, Any]:
+        """What the engine actually runs with, as vLLM resolved it (not what we asked for)."""
+        cfg = self.llm.vllm_config
+        model, cache = cfg.model_config, cfg.cache_config
+        return {
+            "model": model.model,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "max_model_len": model.max_model_len,
+            "num_attention_heads": model.get_num_attention_heads(cfg.parallel_config),
+            "num_kv_heads": model.get_num_kv_heads(cfg.parallel_config),
+            "head_dim": model.get_head_size(),
+            "num_layers": model.get_num_layers(cfg.parallel_config),
+            "sliding_window": model.get_sliding_window(),
+            "block_size": cache.block_size,
+            "num_kv_blocks": cache.num_gpu_blocks,
+            "prefix_caching": cache.enable_prefix_caching,
+        }
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

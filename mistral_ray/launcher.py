@@ -1,0 +1,64 @@
+"""Starting and stopping a local Ray cluster with our Serve app: what `make run` and the tests share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from mistral_ray.config import DeploymentFile
+
+
+@dataclass
+class Running:
+    """A served application on a Ray cluster this process started."""
+
+    deployment: DeploymentFile
+    base_url: str  # e.g. http://127.0.0.1:8000 (no /v1)
+    startup_s: float
+
+
+def wait_ready(base_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base_url}/ready", timeout=10)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(1)
+    raise TimeoutError(f"{base_url}/ready did not answer 200 within {timeout_s:.0f}s (last: {last})")
+
+
+def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float = 300) -> Running:
+    """Start Ray (local, owned by this process), Serve's proxy and the app; return once it can answer."""
+    import ray
+    from ray import serve
+
+    from mistral_ray.app import build
+
+    t0 = time.monotonic()
+    port = port or dep.http.port
+    if not ray.is_initialized():
+        ray.init(namespace="mistral-ray", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": dep.http.host, "port": port})
+    serve.run(build(dep.service), name=dep.app_name, route_prefix=dep.route_prefix, blocking=False)
+    base = f"http://{dep.http.host}:{port}{dep.route_prefix.rstrip('/')}"
+    wait_ready(base, ready_timeout_s)
+    return Running(dep, base, time.monotonic() - t0)
+
+
+def stop() -> None:
+    """Tear down Serve and the Ray cluster this process started (no Ray processes are left behind)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

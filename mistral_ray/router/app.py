@@ -1,0 +1,118 @@
+"""The router deployment: Serve's HTTP ingress for the OpenAI API.
+
+Per request it parses only what it needs (is it a JSON object, which model, does it stream), forwards the
+raw body to an LLM replica picked by Serve's request router, and relays the replica's bytes unchanged —
+SSE chunks go out as they arrive, with no batching timer in front of the first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mistral_ray.config import ServiceConfig
+from mistral_ray.protocol import REPLICA_HEADER, SSE_MEDIA_TYPE, Head, sse_error
+from mistral_ray.router import errors
+from mistral_ray.router.errors import error_response
+
+api = FastAPI(title="mistral-ray", description="OpenAI-compatible API for Mistral on Ray Serve")
+errors.install(api)
+
+
+def _parse(body: bytes) -> dict | Response:
+    """The request's JSON object, or the 400 that explains why it is not one."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return error_response(400, f"request body is not valid JSON: {exc}", code="invalid_json")
+    if not isinstance(payload, dict):
+        return error_response(400, "request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+async def _relay(replies: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for chunk in replies:
+            yield chunk
+    except asyncio.CancelledError:
+        raise  # the client went away; cancelling `replies` aborts the request in the engine
+    except Exception as exc:  # the replica died mid-stream: end with an error event, not a hang
+        yield sse_error(503, f"the LLM replica failed mid-stream: {type(exc).__name__}")
+
+
+# Helpers stay above the class: Serve pickles the ingress class with the globals defined before it.
+@serve.ingress(api)
+class Router:
+    """The OpenAI front door: one per node or more, scaled apart from the GPU replicas."""
+
+    def __init__(self, llm: DeploymentHandle, cfg: ServiceConfig):
+        self.cfg = cfg
+        self.llm = llm
+        self.llm_stream = llm.options(stream=True)
+        self.created = int(time.time())
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self) -> Response:
+        try:
+            replica = await asyncio.wait_for(self.llm.ready.remote(), self.cfg.router.ready_timeout_s)
+        except Exception as exc:
+            return error_response(503, f"no LLM replica is ready: {type(exc).__name__}", code="not_ready")
+        return JSONResponse({"status": "ready", "replica": replica})
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        m = self.cfg.model
+        card = {
+            "id": m.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "mistral-ray",
+            "root": m.source,
+            "parent": None,
+            "max_model_len": self.cfg.engine.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward("chat", request)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._forward("completions", request)
+
+    async def _forward(self, route: str, request: Request) -> Response:
+        body = await request.body()
+        payload = _parse(body)
+        if isinstance(payload, Response):
+            return payload
+        model = payload.get("model")
+        if model is not None and model != self.cfg.model.name:
+            return error_response(
+                404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+            )
+        replies = self.llm_stream.generate.remote(route, body)
+        try:
+            head: Head = await replies.__anext__()
+        except Exception as exc:
+            return error_response(503, f"no LLM replica could take the request: {type(exc).__name__}: {exc}")
+        headers = {REPLICA_HEADER: head.replica_id}
+        if not head.stream:
+            content = "".join([chunk async for chunk in replies])
+            return Response(content, status_code=head.status, media_type="application/json", headers=headers)
+        return StreamingResponse(_relay(replies), media_type=SSE_MEDIA_TYPE, headers=headers)
+
+
+def deployment(cfg: ServiceConfig):
+    return serve.deployment(Router).options(**cfg.router_deployment_options())
