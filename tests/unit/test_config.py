@@ -1,0 +1,90 @@
+"""The config tree: both shipped deployment files load, and bad ones fail naming the field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mistral_ray.config import (
+    ConfigError,
+    PROJECT_ROOT,
+    ServiceConfig,
+    load_deployment,
+    parse_service,
+)
+
+DEPLOYMENTS = PROJECT_ROOT / "deployments"
+
+
+def write(tmp_path: Path, args: dict) -> Path:
+    raw = yaml.safe_load((DEPLOYMENTS / "local-cpu.yaml").read_text())
+    raw["applications"][0]["args"] = args
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_local_cpu_file():
+    dep = load_deployment(DEPLOYMENTS / "local-cpu.yaml")
+    svc = dep.service
+    assert dep.base_url == "http://127.0.0.1:8000"
+    assert svc.model.build_tiny and svc.engine.device == "cpu"
+    assert (svc.scaling.min_replicas, svc.scaling.max_replicas) == (1, 1)
+    opts = svc.llm_deployment_options()
+    assert opts["num_replicas"] == 1 and "autoscaling_config" not in opts
+    # Two replicas and a router must fit on a 2-core machine.
+    assert 2 * opts["ray_actor_options"]["num_cpus"] + svc.router.num_cpus <= 2
+    env = opts["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CACHE_ROOT"].endswith(".state/vllm-cache")
+
+
+def test_mistral_7b_file():
+    svc = load_deployment(DEPLOYMENTS / "mistral-7b-instruct-v0.1.yaml").service
+    kw = svc.engine_kwargs()
+    assert kw["model"] == "mistralai/Mistral-7B-Instruct-v0.1"  # a hub id passes through unresolved
+    assert kw["dtype"] == "bfloat16" and kw["max_model_len"] == 32768
+    assert kw["gpu_memory_utilization"] == 0.9
+    opts = svc.llm_deployment_options()
+    assert opts["ray_actor_options"]["num_gpus"] == 1
+    assert opts["autoscaling_config"]["min_replicas"] == 1 and opts["autoscaling_config"]["max_replicas"] == 4
+    assert "VLLM_CPU_KVCACHE_SPACE" not in opts["ray_actor_options"]["runtime_env"]["env_vars"]
+
+
+def test_local_source_resolves_to_absolute_path():
+    svc = ServiceConfig()
+    assert Path(svc.engine_kwargs()["model"]).is_absolute()
+    assert svc.engine_kwargs()["model"] == str(PROJECT_ROOT / ".state/models/tiny-mistral")
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        ({"scaling": {"replicas": 2}}, "scaling.replicas"),
+        ({"engine": {"dtype": "fp7"}}, "engine.dtype"),
+        ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs"),
+        ({"modell": {}}, "modell"),
+        ({"scaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas (3) > max_replicas (2)"),
+        ({"router": {"min_replicas": 2, "max_replicas": 1}}, "min_replicas (2) > max_replicas (1)"),
+        ({"scaling": {"initial_replicas": 5, "max_replicas": 2}}, "initial_replicas (5) outside"),
+        ({"engine": {"device": "cuda"}}, "replica_gpus must be >= engine.tensor_parallel_size"),
+        ({"scaling": {"replica_gpus": 1}}, "replica_gpus must be 0 on device cpu"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, args, field):
+    with pytest.raises(ConfigError) as err:
+        load_deployment(write(tmp_path, args))
+    assert field in str(err.value)
+    assert "applications[0].args" in str(err.value)
+
+
+def test_autoscaling_when_min_below_max():
+    svc = parse_service({"scaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}})
+    auto = svc.llm_deployment_options()["autoscaling_config"]
+    assert auto == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": None, "target_ongoing_requests": 8}
+
+
+def test_file_without_our_app_is_rejected(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("applications:\n  - name: other\n    import_path: foo:bar\n")
+    with pytest.raises(ConfigError, match="mistral_ray.app:build_app"):
+        load_deployment(path)

@@ -1,0 +1,119 @@
+"""The replica's stream contract and the router's own checks, with a fake engine (no Ray, no vllm).
+
+Serving is proven for real in tests/integration; this pins the contract between the two layers.
+"""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from mistral_ray.config import ServiceConfig
+from mistral_ray.protocol import Head
+from mistral_ray.replica import LLMServer
+from mistral_ray.router import errors
+from mistral_ray.router.app import _parse, _relay
+
+
+class FakeEngine:
+    async def handle(self, route, body):
+        req = json.loads(body)
+        if req.get("boom"):
+            raise RuntimeError("engine core died")
+        if not req.get("stream"):
+            return 200, json.dumps({"route": route})
+
+        async def chunks():
+            for i in range(3):
+                yield f"data: {i}\n\n"
+
+        return 200, chunks()
+
+    def info(self):
+        return {"num_kv_heads": 2}
+
+    async def check_health(self):
+        return None
+
+    def shutdown(self):
+        pass
+
+
+async def fake_factory(cfg):
+    return FakeEngine()
+
+
+async def replica() -> LLMServer:
+    server = LLMServer.__new__(LLMServer)
+    await server.__init__(ServiceConfig(), engine_factory=fake_factory)
+    return server
+
+
+async def collect(server, body: dict):
+    return [item async for item in server.generate("chat", json.dumps(body).encode())]
+
+
+def test_replica_yields_head_then_body():
+    async def main():
+        server = await replica()
+        unary = await collect(server, {"stream": False})
+        streamed = await collect(server, {"stream": True})
+        failed = await collect(server, {"boom": True})
+        return server, unary, streamed, failed
+
+    server, unary, streamed, failed = asyncio.run(main())
+    assert unary == [Head(200, server.replica_id, stream=False), '{"route": "chat"}']
+    assert streamed[0] == Head(200, server.replica_id, stream=True)
+    assert streamed[1:] == ["data: 0\n\n", "data: 1\n\n", "data: 2\n\n"]
+    assert failed[0].status == 500 and "engine core died" in json.loads(failed[1])["error"]["message"]
+    assert server.info()["replica_id"] == server.replica_id
+
+
+def test_router_and_replica_do_not_import_vllm_or_torch():
+    code = (
+        "import sys, mistral_ray.app, mistral_ray.router.app, mistral_ray.replica, mistral_ray.cli;"
+        "heavy = {'vllm', 'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("body", [b"{bad", b"[1, 2]", b"\xff\xfe", b'"text"'])
+def test_parse_rejects_non_objects(body):
+    response = _parse(body)
+    assert response.status_code == 400
+    err = json.loads(response.body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+
+
+def test_relay_ends_a_broken_stream_with_an_error_event():
+    async def broken():
+        yield "data: 1\n\n"
+        raise ConnectionError("replica died")
+
+    async def main():
+        return [c async for c in _relay(broken())]
+
+    out = asyncio.run(main())
+    assert out[0] == "data: 1\n\n"
+    event = json.loads(out[1].split("\n\n")[0].removeprefix("data: "))
+    assert event["error"]["type"] == "service_unavailable_error" and out[1].endswith("data: [DONE]\n\n")
+
+
+def test_fastapi_errors_are_openai_shaped():
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/x/{n}")
+    def x(n: int):
+        return {"n": n}
+
+    client = TestClient(app)
+    for path, status in [("/nope", 404), ("/x/abc", 400)]:
+        r = client.get(path)
+        assert r.status_code == status
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.post("/x/1").status_code == 405
