@@ -53,6 +53,19 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mistral_ray import bench
+
+    results = bench.run(args.url, args.model, args.concurrency, args.requests, args.input_len,
+                        args.output_len, args.vocab, args.seed, args.target)
+    print(bench.table(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(bench.to_json(results))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,6 +83,18 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a deployment file")
     check.add_argument("config")
     check.set_defaults(func=_check)
+    b = sub.add_parser("bench", help="load-test an OpenAI-compatible URL (streamed completions)")
+    b.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
+    b.add_argument("--model", default="tiny-mistral")
+    b.add_argument("--target", default="target", help="label for the results")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    b.add_argument("--requests", type=int, default=64, help="requests per concurrency level (>= 2x it)")
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=64)
+    b.add_argument("--vocab", type=int, default=961, help="prompt token ids are drawn below this")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(func=_bench)
     return p
 
 
