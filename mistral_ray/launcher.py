@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -45,8 +44,6 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float =
     t0 = time.monotonic()
     port = port or dep.http.port
     if not ray.is_initialized():
-        # Serve's controller and proxy inherit the cluster's environment: set it before Ray starts.
-        os.environ.update(dep.service.serve_env())
         ray.init(namespace="mistral-ray", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": dep.http.host, "port": port})
     serve.run(build(dep.service), name=dep.app_name, route_prefix=dep.route_prefix, blocking=False)

@@ -36,12 +36,6 @@ def test_local_cpu_file():
     assert 2 * opts["ray_actor_options"]["num_cpus"] + svc.router.num_cpus <= 2
     env = opts["ray_actor_options"]["runtime_env"]["env_vars"]
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CACHE_ROOT"].endswith(".state/vllm-cache")
-    # Serve's throughput profile reaches the replicas and the router, not only the local launcher.
-    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    router_env = svc.router_deployment_options()["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert router_env == svc.serve_env() == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    off = parse_service({"router": {"throughput_optimized": False}})
-    assert off.serve_env() == {} and "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in off.replica_env()
 
 
 def test_mistral_7b_file():
