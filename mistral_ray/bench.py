@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -120,7 +119,3 @@ def table(results: list[Result]) -> str:
 
 def to_json(results: list[Result]) -> str:
     return json.dumps([asdict(r) for r in results], indent=2)
-
-
-def summary(results: list[Result]) -> dict:
-    return {"mean_req_per_s": statistics.fmean(r.req_per_s for r in results)}
