@@ -117,6 +117,19 @@ class RouterConfig(_Strict):
         return self
 
 
+class ObservabilityConfig(_Strict):
+    engine_metrics: bool = Field(
+        True, description="Export vLLM's engine metrics (TTFT, KV usage, queue, ...) through Ray's metrics "
+        "pipeline, tagged with the Serve replica id, so a scrape of each Ray node's metrics port sees them."
+    )
+    metrics_export_port: int = Field(
+        8080, ge=1, le=65535, description="Ray's per-node Prometheus export port (KubeRay's default)."
+    )
+    metrics_report_interval_ms: int = Field(
+        5000, ge=100, description="How often Ray processes push metrics to the node's exporter."
+    )
+
+
 class ServiceConfig(_Strict):
     """One served model: what it is, how its engines run, how many replicas, how the router behaves."""
 
@@ -124,6 +137,7 @@ class ServiceConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServiceConfig":

@@ -44,7 +44,14 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float =
     t0 = time.monotonic()
     port = port or dep.http.port
     if not ray.is_initialized():
-        ray.init(namespace="mistral-ray", include_dashboard=False, log_to_driver=False)
+        obs = dep.service.observability
+        ray.init(
+            namespace="mistral-ray",
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=obs.metrics_export_port,
+            _system_config={"metrics_report_interval_ms": obs.metrics_report_interval_ms},
+        )
     serve.start(http_options={"host": dep.http.host, "port": port})
     serve.run(build(dep.service), name=dep.app_name, route_prefix=dep.route_prefix, blocking=False)
     base = f"http://{dep.http.host}:{port}{dep.route_prefix.rstrip('/')}"

@@ -27,7 +27,7 @@ class Engine(Protocol):
 async def start_vllm(cfg: ServiceConfig) -> Engine:
     from mistral_ray.engine.vllm_engine import VLLMEngine  # the one place vllm gets imported
 
-    return await VLLMEngine.start(cfg.engine_kwargs())
+    return await VLLMEngine.start(cfg.engine_kwargs(), ray_metrics=cfg.observability.engine_metrics)
 
 
 class LLMServer:

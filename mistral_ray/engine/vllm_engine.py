@@ -21,6 +21,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.usage.usage_lib import UsageContext
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from mistral_ray.protocol import error_json
 
@@ -88,7 +89,7 @@ class VLLMEngine:
         _reject_overlong(state.openai_serving_completion, "render_completion_request")
 
     @classmethod
-    async def start(cls, engine_kwargs: dict[str, Any]) -> "VLLMEngine":
+    async def start(cls, engine_kwargs: dict[str, Any], ray_metrics: bool = False) -> "VLLMEngine":
         args = _server_args(engine_kwargs)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
@@ -97,6 +98,9 @@ class VLLMEngine:
             usage_context=UsageContext.OPENAI_API_SERVER,
             enable_log_requests=False,
             disable_log_stats=False,
+            # Ray's exporter instead of a per-process /metrics endpoint: Serve replicas have no port of
+            # their own, and Ray tags every sample with the replica id.
+            stat_loggers=[RayPrometheusStatLogger] if ray_metrics else None,
         )
         state = State()
         await init_app_state(llm, state, args, await llm.get_supported_tasks())

@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mistral_ray.config import ServiceConfig
+from mistral_ray.metrics import RouterMetrics
 from mistral_ray.protocol import REPLICA_HEADER, SSE_MEDIA_TYPE, Head, sse_error
 from mistral_ray.router import errors
 from mistral_ray.router.errors import error_response
@@ -57,6 +58,7 @@ class Router:
         self.llm = llm
         self.llm_stream = llm.options(stream=True)
         self.created = int(time.time())
+        self.metrics = RouterMetrics(cfg.model.name)
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -93,12 +95,22 @@ class Router:
         return await self._forward("completions", request)
 
     async def _forward(self, route: str, request: Request) -> Response:
+        start = time.perf_counter()
+        self.metrics.started(route)
+        response = await self._answer(route, request, start)
+        if not isinstance(response, StreamingResponse):  # streams are accounted for when they end
+            self.metrics.finished(route, response.status_code)
+        return response
+
+    async def _answer(self, route: str, request: Request, start: float) -> Response:
         body = await request.body()
         payload = _parse(body)
         if isinstance(payload, Response):
+            self.metrics.reject(route, "validation")
             return payload
         model = payload.get("model")
         if model is not None and model != self.cfg.model.name:
+            self.metrics.reject(route, "model_not_found")
             return error_response(
                 404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
@@ -106,12 +118,35 @@ class Router:
         try:
             head: Head = await replies.__anext__()
         except Exception as exc:
+            self.metrics.reject(route, "no_replica")
             return error_response(503, f"no LLM replica could take the request: {type(exc).__name__}: {exc}")
         headers = {REPLICA_HEADER: head.replica_id}
         if not head.stream:
             content = "".join([chunk async for chunk in replies])
+            if head.status == 200:
+                elapsed = time.perf_counter() - start
+                self.metrics.first_byte(route, False, elapsed)
+                self.metrics.completed(route, False, elapsed)
+            elif 400 <= head.status < 500:
+                self.metrics.reject(route, "validation")
             return Response(content, status_code=head.status, media_type="application/json", headers=headers)
-        return StreamingResponse(_relay(replies), media_type=SSE_MEDIA_TYPE, headers=headers)
+        return StreamingResponse(
+            self._timed(route, start, _relay(replies)), media_type=SSE_MEDIA_TYPE, headers=headers
+        )
+
+    async def _timed(self, route: str, start: float, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        first, complete = True, False
+        try:
+            async for chunk in chunks:
+                yield chunk
+                if first:
+                    self.metrics.first_byte(route, True, time.perf_counter() - start)
+                    first = False
+            complete = True
+            self.metrics.completed(route, True, time.perf_counter() - start)
+        finally:
+            # A stream that ended early (client gone, replica lost) has already sent 200.
+            self.metrics.finished(route, 200 if complete else 499)
 
 
 def deployment(cfg: ServiceConfig):

@@ -1,0 +1,74 @@
+"""Every metric mistral-ray itself records, declared once: name, type, labels and buckets.
+
+They go through Ray's metrics pipeline (`ray.util.metrics`), so each Ray node's metrics export port —
+what KubeRay's PodMonitor scrapes — serves them beside Ray Serve's and vLLM's. Ray prefixes every name with
+`ray_` on export: `mistral_ray_router_requests_total` is scraped as `ray_mistral_ray_router_requests_total`.
+The engine's own metrics are vLLM's (`vllm:*`, exported as `ray_vllm_*`); see docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+# LLM latencies span 10 ms (a cached first token) to minutes (long generations): web-default buckets
+# (5 ms .. 10 s) would put every long request in +Inf.
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
+
+REJECT_REASONS = ("validation", "model_not_found", "no_replica", "auth", "rate_limit", "overload")
+
+
+class RouterMetrics:
+    """The router's view: what clients asked for and what they experienced."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.requests = metrics.Counter(
+            "mistral_ray_router_requests_total",
+            description="Requests answered by the router, by route, model, HTTP status and API key id.",
+            tag_keys=("route", "model", "status", "key_id"),
+        )
+        self.in_flight = metrics.Gauge(
+            "mistral_ray_router_requests_in_flight",
+            description="Requests the router is handling now (accepted, not yet finished).",
+            tag_keys=("route", "model"),
+        )
+        self.ttft = metrics.Histogram(
+            "mistral_ray_router_time_to_first_token_seconds",
+            description="From request received to the first body byte sent (the first token for streams).",
+            boundaries=TTFT_BUCKETS,
+            tag_keys=("route", "model", "stream"),
+        )
+        self.e2e = metrics.Histogram(
+            "mistral_ray_router_e2e_request_latency_seconds",
+            description="From request received to the last byte sent, successful requests.",
+            boundaries=E2E_BUCKETS,
+            tag_keys=("route", "model", "stream"),
+        )
+        self.rejected = metrics.Counter(
+            "mistral_ray_router_rejected_requests_total",
+            description="Requests refused before reaching an engine, by reason.",
+            tag_keys=("route", "model", "reason"),
+        )
+        self._in_flight = {}
+
+    def started(self, route: str) -> None:
+        n = self._in_flight.get(route, 0) + 1
+        self._in_flight[route] = n
+        self.in_flight.set(n, tags={"route": route, "model": self.model})
+
+    def finished(self, route: str, status: int, key_id: str = "none") -> None:
+        n = self._in_flight.get(route, 1) - 1
+        self._in_flight[route] = n
+        self.in_flight.set(n, tags={"route": route, "model": self.model})
+        self.requests.inc(tags={"route": route, "model": self.model, "status": str(status), "key_id": key_id})
+
+    def first_byte(self, route: str, stream: bool, seconds: float) -> None:
+        self.ttft.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
+
+    def completed(self, route: str, stream: bool, seconds: float) -> None:
+        self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
+
+    def reject(self, route: str, reason: str) -> None:
+        assert reason in REJECT_REASONS, reason
+        self.rejected.inc(tags={"route": route, "model": self.model, "reason": reason})
