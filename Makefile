@@ -10,12 +10,13 @@ CONFIG ?= deployments/local-cpu.yaml
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed-$(ENGINE)
 TORCH_PIN := torch==2.13.0+cpu
 TINY_MODEL := .state/models/tiny-mistral
 export VLLM_CACHE_ROOT := $(CURDIR)/.state/vllm-cache
 
-.PHONY: install run test tiny-model check clean
+.PHONY: install run test tiny-model check monitor prometheus clean
 
 install: $(STAMP)
 
@@ -42,10 +43,18 @@ tiny-model: install
 run: install tiny-model
 	$(BIN)/mistral-ray run $(CONFIG)
 
+# Debian's Prometheus (and promtool, which the tests use); installed when missing.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+
+monitor: install prometheus
+	$(BIN)/mistral-ray monitor $(CONFIG)
+
 check: install
 	for f in deployments/*.yaml; do $(BIN)/mistral-ray check $$f || exit 1; done
 
-test: install tiny-model
+test: install tiny-model prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

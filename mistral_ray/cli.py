@@ -66,6 +66,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from mistral_ray import monitoring
+
+    dep = load_deployment(args.config)
+    proc = monitoring.start_prometheus(dep.service.observability.metrics_export_port, port=args.port)
+    print(f"prometheus: http://127.0.0.1:{args.port} (scraping Ray's metrics on port "
+          f"{dep.service.observability.metrics_export_port}; rules {monitoring.RULES}); Ctrl-C stops it",
+          flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+        return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a deployment file")
     check.add_argument("config")
     check.set_defaults(func=_check)
+    mon = sub.add_parser("monitor", help="run a local Prometheus scraping the local Ray cluster")
+    mon.add_argument("config", nargs="?", default="deployments/local-cpu.yaml")
+    mon.add_argument("--port", type=int, default=9090)
+    mon.set_defaults(func=_monitor)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible URL (streamed completions)")
     b.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
     b.add_argument("--model", default="tiny-mistral")

@@ -50,7 +50,15 @@ class RouterMetrics:
             description="Requests refused before reaching an engine, by reason.",
             tag_keys=("route", "model", "reason"),
         )
+        self.max_replicas = metrics.Gauge(
+            "mistral_ray_config_max_replicas",
+            description="scaling.max_replicas of the deployment, from the config (for 'pinned at max').",
+            tag_keys=("application", "deployment"),
+        )
         self._in_flight = {}
+
+    def configured(self, application: str, deployment: str, max_replicas: int) -> None:
+        self.max_replicas.set(max_replicas, tags={"application": application, "deployment": deployment})
 
     def started(self, route: str) -> None:
         n = self._in_flight.get(route, 0) + 1

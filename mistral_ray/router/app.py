@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mistral_ray.config import ServiceConfig
+from mistral_ray.config import LLM_DEPLOYMENT, ServiceConfig
 from mistral_ray.metrics import RouterMetrics
 from mistral_ray.protocol import REPLICA_HEADER, SSE_MEDIA_TYPE, Head, sse_error
 from mistral_ray.router import errors
@@ -59,6 +59,8 @@ class Router:
         self.llm_stream = llm.options(stream=True)
         self.created = int(time.time())
         self.metrics = RouterMetrics(cfg.model.name)
+        app_name = serve.get_replica_context().app_name
+        self.metrics.configured(app_name, LLM_DEPLOYMENT, cfg.scaling.max_replicas)
 
     @api.get("/health")
     async def health(self) -> dict:

@@ -24,6 +24,8 @@ def two_replica_deployment():
     dep = load_deployment(LOCAL_CPU)
     args = dep.service.model_dump()
     args["scaling"].update(min_replicas=2, max_replicas=2)
+    # Metrics on a free port, pushed every second so the metrics tests need not wait long.
+    args["observability"].update(metrics_export_port=free_port(), metrics_report_interval_ms=1000)
     return dep.model_copy(update={"service": parse_service(args)})
 
 
