@@ -82,6 +82,13 @@ def _monitor(args: argparse.Namespace) -> int:
         return 0
 
 
+def _rules(args: argparse.Namespace) -> int:
+    from mistral_ray import monitoring
+
+    print(monitoring.prometheus_rule_yaml(), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     mon.add_argument("config", nargs="?", default="deployments/local-cpu.yaml")
     mon.add_argument("--port", type=int, default=9090)
     mon.set_defaults(func=_monitor)
+    k8s = sub.add_parser("k8s", help="render Kubernetes manifests from the project's sources of truth")
+    k8s_sub = k8s.add_subparsers(dest="action", required=True)
+    k8s_sub.add_parser("rules", help="print the PrometheusRule built from the rules file").set_defaults(func=_rules)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible URL (streamed completions)")
     b.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
     b.add_argument("--model", default="tiny-mistral")

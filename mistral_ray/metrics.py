@@ -21,8 +21,9 @@ REJECT_REASONS = ("validation", "model_not_found", "no_replica", "auth", "rate_l
 class RouterMetrics:
     """The router's view: what clients asked for and what they experienced."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, enabled: bool = True):
         self.model = model
+        self.enabled = enabled
         self.requests = metrics.Counter(
             "mistral_ray_router_requests_total",
             description="Requests answered by the router, by route, model, HTTP status and API key id.",
@@ -58,25 +59,37 @@ class RouterMetrics:
         self._in_flight = {}
 
     def configured(self, application: str, deployment: str, max_replicas: int) -> None:
+        if not self.enabled:
+            return
         self.max_replicas.set(max_replicas, tags={"application": application, "deployment": deployment})
 
     def started(self, route: str) -> None:
+        if not self.enabled:
+            return
         n = self._in_flight.get(route, 0) + 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
 
     def finished(self, route: str, status: int, key_id: str = "none") -> None:
+        if not self.enabled:
+            return
         n = self._in_flight.get(route, 1) - 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
         self.requests.inc(tags={"route": route, "model": self.model, "status": str(status), "key_id": key_id})
 
     def first_byte(self, route: str, stream: bool, seconds: float) -> None:
+        if not self.enabled:
+            return
         self.ttft.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
 
     def completed(self, route: str, stream: bool, seconds: float) -> None:
+        if not self.enabled:
+            return
         self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
 
     def reject(self, route: str, reason: str) -> None:
+        if not self.enabled:
+            return
         assert reason in REJECT_REASONS, reason
         self.rejected.inc(tags={"route": route, "model": self.model, "reason": reason})

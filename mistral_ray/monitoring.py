@@ -52,3 +52,20 @@ def start_prometheus(metrics_port: int, port: int = 9090, data_dir: Path | None 
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group: stopped by PID, never by name
     )
+
+
+def prometheus_rule(name: str = "mistral-ray") -> dict:
+    """The rules file as a prometheus-operator PrometheusRule (kube-prometheus-stack's default selector
+    picks rules labelled `release: kube-prometheus-stack`; change the label to your release's name)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "mistral-ray",
+                                                "release": "kube-prometheus-stack"}},
+        "spec": {"groups": yaml.safe_load(RULES.read_text())["groups"]},
+    }
+
+
+def prometheus_rule_yaml() -> str:
+    header = "# Generated from prometheus/rules.yaml by `mistral-ray k8s rules`; a test fails if they drift.\n"
+    return header + yaml.safe_dump(prometheus_rule(), sort_keys=False, width=120)

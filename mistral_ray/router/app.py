@@ -58,7 +58,7 @@ class Router:
         self.llm = llm
         self.llm_stream = llm.options(stream=True)
         self.created = int(time.time())
-        self.metrics = RouterMetrics(cfg.model.name)
+        self.metrics = RouterMetrics(cfg.model.name, enabled=cfg.observability.router_metrics)
         app_name = serve.get_replica_context().app_name
         self.metrics.configured(app_name, LLM_DEPLOYMENT, cfg.scaling.max_replicas)
 
