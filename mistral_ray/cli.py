@@ -89,6 +89,17 @@ def _rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace) -> int:
+    from mistral_ray import k8s
+
+    if args.write:
+        for path in k8s.write_overlays():
+            print(f"wrote {path}")
+    else:
+        print(k8s.serve_config_yaml(args.config), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
     k8s = sub.add_parser("k8s", help="render Kubernetes manifests from the project's sources of truth")
     k8s_sub = k8s.add_subparsers(dest="action", required=True)
     k8s_sub.add_parser("rules", help="print the PrometheusRule built from the rules file").set_defaults(func=_rules)
+    sc = k8s_sub.add_parser("serve-config", help="a deployment file as the RayService's serveConfigV2")
+    sc.add_argument("config", nargs="?", help="a file under deployments/ (print its serveConfigV2)")
+    sc.add_argument("--write", action="store_true", help="regenerate every k8s/overlays/*/serve-config.yaml")
+    sc.set_defaults(func=_serve_config)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible URL (streamed completions)")
     b.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
     b.add_argument("--model", default="tiny-mistral")

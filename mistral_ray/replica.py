@@ -25,8 +25,11 @@ class Engine(Protocol):
 
 
 async def start_vllm(cfg: ServiceConfig) -> Engine:
+    from mistral_ray import tiny_model
     from mistral_ray.engine.vllm_engine import VLLMEngine  # the one place vllm gets imported
 
+    if cfg.model.build_tiny:  # on this replica's node: on a cluster, the builder ran somewhere else
+        tiny_model.ensure(cfg.model.resolved_source())
     return await VLLMEngine.start(cfg.engine_kwargs(), ray_metrics=cfg.observability.engine_metrics)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 SEED = 20231010  # Mistral 7B's release date
@@ -105,14 +107,37 @@ def _weights(shapes: dict[str, tuple[int, ...]]) -> dict:
 
 
 def build(out_dir: str | Path) -> Path:
-    """Write config, safetensors weights, tokenizer and chat template to `out_dir`; returns it."""
+    """Write config, safetensors weights, tokenizer and chat template to `out_dir` (replacing it)."""
+    out = Path(out_dir)
+    tmp = _build_into(out)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def ensure(out_dir: str | Path) -> Path:
+    """Build unless present. Safe when several replicas on one node race: each builds into its own
+    temporary directory and the first rename wins (the builds are byte-identical anyway)."""
+    out = Path(out_dir)
+    if (out / "model.safetensors").exists():
+        return out
+    tmp = _build_into(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build_into(out: Path) -> Path:
     import torch
     from safetensors.numpy import save_file
     from transformers import MistralForCausalLM
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     tokenizer = build_tokenizer()
     config = mistral_config(len(tokenizer))
     with torch.device("meta"):
@@ -123,21 +148,9 @@ def build(out_dir: str | Path) -> Path:
     config_dict.pop("transformers_version", None)  # keep the bytes independent of the installed version
     (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(tmp)
-    for name in ("tokenizer_config.json",):  # drop version-stamped fields for reproducible bytes
-        path = tmp / name
-        data = json.loads(path.read_text())
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)  # atomic: a half-built model never looks complete
-    return out
-
-
-def ensure(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    return out if (out / "model.safetensors").exists() else build(out)
+    path = tmp / "tokenizer_config.json"  # sorted keys: reproducible bytes
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=2, sort_keys=True) + "\n")
+    return tmp
 
 
 def digest(model_dir: str | Path) -> str:

@@ -1,0 +1,48 @@
+"""From a deployment file to the RayService's `serveConfigV2`: the one translation, so that local runs
+and clusters serve the same application (a test fails if k8s/overlays/*/serve-config.yaml drift)."""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from mistral_ray.config import PROJECT_ROOT, DeploymentFile, load_deployment
+
+# Which deployment file each overlay serves.
+OVERLAYS = {
+    "cpu-dev": "deployments/local-cpu.yaml",
+    "gpu": "deployments/mistral-7b-instruct-v0.1.yaml",
+}
+
+
+def serve_config(dep: DeploymentFile) -> dict:
+    """The deployment file as a cluster runs it: the applications unchanged; Serve listening on all of
+    the pod's interfaces (KubeRay routes to the `serve` port), a proxy on every node."""
+    raw = copy.deepcopy(dep.raw)
+    raw["http_options"] = {**(raw.get("http_options") or {}), "host": "0.0.0.0", "port": 8000}
+    raw["proxy_location"] = "EveryNode"
+    return raw
+
+
+def serve_config_yaml(deployment_file: str) -> str:
+    dep = load_deployment(PROJECT_ROOT / deployment_file)
+    header = (
+        f"# Generated from {deployment_file} by `mistral-ray k8s serve-config {deployment_file}`.\n"
+        "# Edit that file, not this one; a test fails if the two drift.\n"
+    )
+    return header + yaml.safe_dump(serve_config(dep), sort_keys=False)
+
+
+def overlay_file(overlay: str):
+    return PROJECT_ROOT / "k8s" / "overlays" / overlay / "serve-config.yaml"
+
+
+def write_overlays() -> list:
+    written = []
+    for overlay, deployment_file in OVERLAYS.items():
+        path = overlay_file(overlay)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(serve_config_yaml(deployment_file))
+        written.append(path)
+    return written
