@@ -100,6 +100,25 @@ def _serve_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from mistral_ray import planner
+
+    shape = planner.PRESETS[args.model] if args.model in planner.PRESETS else planner.ModelShape.from_hf_config(args.model)
+    if args.no_window:
+        shape = planner.ModelShape(**{**shape.__dict__, "sliding_window": None})
+    p = planner.plan(
+        shape, args.context_len, args.concurrency, dtype=args.dtype, gpu_memory_gib=args.gpu_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization, overhead_gib=args.overhead_gib,
+        kv_budget_gib=args.kv_budget_gib, tensor_parallel_size=args.tp, gpus_per_worker=args.gpus_per_worker,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+    )
+    print(planner.report(p))
+    if args.write:
+        planner.write_into(args.write, p)
+        print(f"wrote max_replicas={max(p.replicas, 1)} max_num_seqs={max(p.max_seqs_per_replica, 1)} into {args.write}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +147,22 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("config", nargs="?", help="a file under deployments/ (print its serveConfigV2)")
     sc.add_argument("--write", action="store_true", help="regenerate every k8s/overlays/*/serve-config.yaml")
     sc.set_defaults(func=_serve_config)
+    pl = sub.add_parser("plan", help="KV-cache capacity: sequences per replica, replicas, GPU workers")
+    pl.add_argument("--model", default="mistral-7b-v0.1", help="a preset (mistral-7b-v0.1/v0.2/v0.3) or a checkpoint dir")
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "fp8"])
+    pl.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU, GiB (e.g. 22 for a 24 GB L4)")
+    pl.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    pl.add_argument("--overhead-gib", type=float, default=1.5, help="activations, CUDA graphs, per GPU")
+    pl.add_argument("--kv-budget-gib", type=float, help="KV budget directly (CPU: VLLM_CPU_KVCACHE_SPACE)")
+    pl.add_argument("--context-len", type=int, default=32768, help="tokens per sequence (prompt + output)")
+    pl.add_argument("--concurrency", type=int, default=64, help="target concurrent sequences")
+    pl.add_argument("--tp", type=int, default=1, help="tensor parallel size (GPUs per replica)")
+    pl.add_argument("--gpus-per-worker", type=int, default=1)
+    pl.add_argument("--block-size", type=int, default=16, help="vLLM KV block size (16 on GPU, 128 on CPU)")
+    pl.add_argument("--max-num-seqs", type=int, help="cap sequences per replica at the engine's limit")
+    pl.add_argument("--no-window", action="store_true", help="plan as if the model had no sliding window")
+    pl.add_argument("--write", help="set max_replicas and max_num_seqs in this deployment file")
+    pl.set_defaults(func=_plan)
     b = sub.add_parser("bench", help="load-test an OpenAI-compatible URL (streamed completions)")
     b.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
     b.add_argument("--model", default="tiny-mistral")

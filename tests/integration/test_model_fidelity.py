@@ -60,3 +60,14 @@ def test_sliding_window_matches_transformers(client, model_name, hf_model, llm_h
     unwindowed = hf_greedy(model, prompt_ids, None)
     assert served == windowed
     assert unwindowed != windowed, "the window did not matter for this prompt; the test proves nothing"
+
+
+def test_planner_matches_vllm_kv_capacity(llm_handle, app):
+    from mistral_ray import planner
+
+    info = llm_handle.info.remote().result(timeout_s=60)
+    cfg = app.deployment.service
+    shape = planner.ModelShape.from_hf_config(cfg.model.resolved_source())
+    p = planner.plan(shape, context_len=2048, target_concurrency=1, dtype=info["dtype"],
+                     kv_budget_gib=cfg.engine.cpu_kvcache_space_gib, block_size=info["block_size"])
+    assert p.kv_tokens_per_replica == info["num_kv_blocks"] * info["block_size"]
