@@ -6,19 +6,14 @@ from typing import Any
 
 from ray.serve import Application
 
-from mistral_ray import replica, tiny_model
+from mistral_ray import replica
 from mistral_ray.config import ServiceConfig, parse_service
 from mistral_ray.router import app as router
 
 
-def prepare(cfg: ServiceConfig) -> None:
-    """Make the model available where the config says it is (laptops build the tiny one, no download)."""
-    if cfg.model.build_tiny:
-        tiny_model.ensure(cfg.model.resolved_source())
-
-
 def build(cfg: ServiceConfig) -> Application:
-    prepare(cfg)
+    # The model is made available by each replica on its own node (see replica.start_vllm), not here:
+    # on a cluster the builder runs on the head, which hosts no engine.
     llm = replica.deployment(cfg).bind(cfg)
     return router.deployment(cfg).bind(llm, cfg)
 

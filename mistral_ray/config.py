@@ -103,12 +103,38 @@ class ScalingConfig(_Strict):
         return self
 
 
+class ApiKeysConfig(_Strict):
+    enabled: bool = Field(
+        False, description="Require `Authorization: Bearer <key>` on /v1 routes. Off in the local default; "
+        "on in every Kubernetes overlay (`mistral-ray k8s serve-config` turns it on)."
+    )
+    file: str = Field(
+        "/etc/mistral-ray/api-keys/keys",
+        description="One key per line as `<key id>:<key>` (`#` comments); on Kubernetes a Secret mounted here. "
+        "Only the key id ever reaches logs and metrics.",
+    )
+    env: Optional[str] = Field(
+        None, description="Also read keys (same format, comma- or newline-separated) from this env variable."
+    )
+
+    def read_entries(self) -> list[str]:
+        """The raw `<id>:<key>` entries from the file and the environment (read once, at router start)."""
+        entries = []
+        path = Path(self.file)
+        if path.exists():
+            entries += path.read_text().splitlines()
+        if self.env:
+            entries += os.environ.get(self.env, "").replace(",", "\n").splitlines()
+        return [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
+
+
 class RouterConfig(_Strict):
     num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved per router replica.")
     min_replicas: int = Field(1, ge=1, description="Fewest router replicas.")
     max_replicas: int = Field(1, ge=1, description="Most router replicas.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one router replica holds.")
     ready_timeout_s: float = Field(5.0, gt=0, description="How long /ready waits on a replica.")
+    api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
 
     @model_validator(mode="after")
     def _bounds(self) -> "RouterConfig":

@@ -7,7 +7,7 @@ import copy
 
 import yaml
 
-from mistral_ray.config import PROJECT_ROOT, DeploymentFile, load_deployment
+from mistral_ray.config import APP_IMPORT_PATH, PROJECT_ROOT, DeploymentFile, load_deployment
 
 # Which deployment file each overlay serves.
 OVERLAYS = {
@@ -17,9 +17,15 @@ OVERLAYS = {
 
 
 def serve_config(dep: DeploymentFile) -> dict:
-    """The deployment file as a cluster runs it: the applications unchanged; Serve listening on all of
-    the pod's interfaces (KubeRay routes to the `serve` port), a proxy on every node."""
+    """The deployment file as a cluster runs it: the same applications with API keys required; Serve
+    listening on all of the pod's interfaces (KubeRay routes to the `serve` port), a proxy on every node."""
     raw = copy.deepcopy(dep.raw)
+    for app in raw["applications"]:
+        if app.get("import_path") == APP_IMPORT_PATH:
+            # A cluster endpoint is never open: keys come from the mistral-ray-api-keys Secret, mounted
+            # where router.api_keys.file points (the pod does not start without it).
+            router = app.setdefault("args", {}).setdefault("router", {})
+            router["api_keys"] = {**router.get("api_keys", {}), "enabled": True}
     raw["http_options"] = {**(raw.get("http_options") or {}), "host": "0.0.0.0", "port": 8000}
     raw["proxy_location"] = "EveryNode"
     return raw

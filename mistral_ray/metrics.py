@@ -93,3 +93,22 @@ class RouterMetrics:
             return
         assert reason in REJECT_REASONS, reason
         self.rejected.inc(tags={"route": route, "model": self.model, "reason": reason})
+
+
+class TokenMetrics:
+    """Tokens in and out per request, counted where they are known exactly: the replica, from vLLM's usage."""
+
+    def __init__(self, model: str, enabled: bool = True):
+        self.model = model
+        self.enabled = enabled
+        self.tokens = metrics.Counter(
+            "mistral_ray_tokens_total",
+            description="Prompt (in) and completion (out) tokens of finished requests, from vLLM's usage.",
+            tag_keys=("route", "model", "direction"),
+        )
+
+    def count(self, route: str, prompt: int, completion: int) -> None:
+        if not self.enabled:
+            return
+        self.tokens.inc(prompt, tags={"route": route, "model": self.model, "direction": "in"})
+        self.tokens.inc(completion, tags={"route": route, "model": self.model, "direction": "out"})

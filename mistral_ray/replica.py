@@ -8,17 +8,21 @@ be exercised without vllm; the default factory is the only path that imports it.
 from __future__ import annotations
 
 import os
+from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Optional, Protocol, Union
 
 from ray import serve
 
 from mistral_ray.config import ServiceConfig
+from mistral_ray.metrics import TokenMetrics
 from mistral_ray.protocol import Head, error_json
 
 
 class Engine(Protocol):
-    async def handle(self, route: str, body: bytes) -> tuple[int, Union[str, AsyncIterator[str]]]: ...
+    async def handle(
+        self, route: str, body: bytes, on_usage: Optional[Callable[[int, int], None]] = None
+    ) -> tuple[int, Union[str, AsyncIterator[str]]]: ...
     def info(self) -> dict[str, Any]: ...
     async def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
@@ -45,10 +49,11 @@ class LLMServer:
         self.engine = await (engine_factory or start_vllm)(cfg)
         context = serve.get_replica_context() if _in_serve() else None
         self.replica_id = context.replica_id.unique_id if context else f"pid-{os.getpid()}"
+        self.tokens = TokenMetrics(cfg.model.name, enabled=cfg.observability.router_metrics)
 
     async def generate(self, route: str, body: bytes) -> AsyncIterator[Union[Head, str]]:
         try:
-            status, payload = await self.engine.handle(route, body)
+            status, payload = await self.engine.handle(route, body, on_usage=partial(self.tokens.count, route))
         except Exception as exc:  # the engine failed this request; the replica keeps serving others
             yield Head(500, self.replica_id, stream=False)
             yield error_json(500, f"engine error: {type(exc).__name__}: {exc}")

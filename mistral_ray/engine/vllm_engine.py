@@ -6,8 +6,9 @@ only adapt their results to our hop: a status and either a JSON body or the SSE 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any, Union
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Optional, Union
 
 from pydantic import ValidationError
 from starlette.datastructures import State
@@ -15,6 +16,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMClientError
@@ -26,6 +28,7 @@ from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 from mistral_ray.protocol import error_json
 
 Body = Union[str, AsyncIterator[str]]
+OnUsage = Callable[[int, int], None]
 ROUTES = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 
 
@@ -75,6 +78,18 @@ def _reject_overlong(serving: Any, render: str) -> None:
     setattr(serving, render, checked)
 
 
+async def _with_usage(chunks: AsyncIterator[str], on_usage: OnUsage, forward_usage: bool) -> AsyncIterator[str]:
+    """Pass chunks through untouched, except the usage-only chunk: parsed (the only chunk we decode) and
+    forwarded only if the client asked for it."""
+    async for chunk in chunks:
+        if chunk.startswith('data: {') and '"choices":[]' in chunk and '"usage":{' in chunk:
+            usage = json.loads(chunk[6:])["usage"]
+            on_usage(usage["prompt_tokens"], usage.get("completion_tokens") or 0)
+            if not forward_usage:
+                continue
+        yield chunk
+
+
 class VLLMEngine:
     """A started engine. Built by `start`; the replica owns exactly one."""
 
@@ -106,13 +121,18 @@ class VLLMEngine:
         await init_app_state(llm, state, args, await llm.get_supported_tasks())
         return cls(llm, state)
 
-    async def handle(self, route: str, body: bytes) -> tuple[int, Body]:
-        """Run one OpenAI request; returns (status, JSON text) or (200, SSE chunk stream)."""
+    async def handle(self, route: str, body: bytes, on_usage: Optional[OnUsage] = None) -> tuple[int, Body]:
+        """Run one OpenAI request; returns (status, JSON text) or (200, SSE chunk stream). `on_usage`
+        gets (prompt tokens, completion tokens) once the request has finished."""
         try:
             request = ROUTES[route].model_validate_json(body)
         except ValidationError as exc:
             message, param = _validation_message(exc)
             return 400, error_json(400, message, param)
+        client_wants_usage = bool(request.stream and request.stream_options and request.stream_options.include_usage)
+        if request.stream and on_usage and not client_wants_usage:
+            # Ask vLLM for its final usage chunk, read it, and do not pass it on (see _with_usage).
+            request.stream_options = StreamOptions(include_usage=True)
         try:
             result = await self._handlers[route](request, None)
         except (ValueError, VLLMClientError) as exc:
@@ -121,8 +141,10 @@ class VLLMEngine:
             err = result.error
             return err.code, error_json(err.code, err.message, err.param)
         if hasattr(result, "model_dump_json"):
+            if on_usage and result.usage:
+                on_usage(result.usage.prompt_tokens, result.usage.completion_tokens or 0)
             return 200, result.model_dump_json()
-        return 200, result
+        return 200, _with_usage(result, on_usage, client_wants_usage) if on_usage else result
 
     def info(self) -> dict[str, Any]:
         """What the engine actually runs with, as vLLM resolved it (not what we asked for)."""

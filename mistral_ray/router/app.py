@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -21,8 +22,10 @@ from mistral_ray.config import LLM_DEPLOYMENT, ServiceConfig
 from mistral_ray.metrics import RouterMetrics
 from mistral_ray.protocol import REPLICA_HEADER, SSE_MEDIA_TYPE, Head, sse_error
 from mistral_ray.router import errors
+from mistral_ray.router.auth import ApiKeys
 from mistral_ray.router.errors import error_response
 
+logger = logging.getLogger("ray.serve")
 api = FastAPI(title="mistral-ray", description="OpenAI-compatible API for Mistral on Ray Serve")
 errors.install(api)
 
@@ -61,6 +64,8 @@ class Router:
         self.metrics = RouterMetrics(cfg.model.name, enabled=cfg.observability.router_metrics)
         app_name = serve.get_replica_context().app_name
         self.metrics.configured(app_name, LLM_DEPLOYMENT, cfg.scaling.max_replicas)
+        keys = cfg.router.api_keys
+        self.keys = ApiKeys(keys.read_entries()) if keys.enabled else None
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -75,7 +80,10 @@ class Router:
         return JSONResponse({"status": "ready", "replica": replica})
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> Response:
+        key_id = self._authenticate("models", request)
+        if isinstance(key_id, Response):
+            return key_id
         m = self.cfg.model
         card = {
             "id": m.name,
@@ -86,7 +94,7 @@ class Router:
             "parent": None,
             "max_model_len": self.cfg.engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        return JSONResponse({"object": "list", "data": [card]})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -96,15 +104,34 @@ class Router:
     async def completions(self, request: Request) -> Response:
         return await self._forward("completions", request)
 
+    def _authenticate(self, route: str, request: Request) -> str | Response:
+        """The caller's key id ("none" when keys are off), or the 401 to send."""
+        if self.keys is None:
+            return "none"
+        key_id = self.keys.identify(request.headers.get("authorization"))
+        if key_id is None:
+            self.metrics.reject(route, "auth")
+            logger.info("rejected %s %s: missing or unknown API key", request.method, request.url.path)
+            return error_response(
+                401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key"
+            )
+        return key_id
+
     async def _forward(self, route: str, request: Request) -> Response:
         start = time.perf_counter()
         self.metrics.started(route)
-        response = await self._answer(route, request, start)
+        key_id = self._authenticate(route, request)
+        if isinstance(key_id, Response):
+            self.metrics.finished(route, 401, "unknown")
+            return key_id
+        response = await self._answer(route, request, start, key_id)
         if not isinstance(response, StreamingResponse):  # streams are accounted for when they end
-            self.metrics.finished(route, response.status_code)
+            self.metrics.finished(route, response.status_code, key_id)
+            if self.keys is not None:
+                logger.info("%s key=%s status=%d", route, key_id, response.status_code)
         return response
 
-    async def _answer(self, route: str, request: Request, start: float) -> Response:
+    async def _answer(self, route: str, request: Request, start: float, key_id: str) -> Response:
         body = await request.body()
         payload = _parse(body)
         if isinstance(payload, Response):
@@ -133,10 +160,10 @@ class Router:
                 self.metrics.reject(route, "validation")
             return Response(content, status_code=head.status, media_type="application/json", headers=headers)
         return StreamingResponse(
-            self._timed(route, start, _relay(replies)), media_type=SSE_MEDIA_TYPE, headers=headers
+            self._timed(route, start, key_id, _relay(replies)), media_type=SSE_MEDIA_TYPE, headers=headers
         )
 
-    async def _timed(self, route: str, start: float, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _timed(self, route: str, start: float, key_id: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         first, complete = True, False
         try:
             async for chunk in chunks:
@@ -148,7 +175,9 @@ class Router:
             self.metrics.completed(route, True, time.perf_counter() - start)
         finally:
             # A stream that ended early (client gone, replica lost) has already sent 200.
-            self.metrics.finished(route, 200 if complete else 499)
+            self.metrics.finished(route, 200 if complete else 499, key_id)
+            if self.keys is not None:
+                logger.info("%s key=%s status=%d (stream)", route, key_id, 200 if complete else 499)
 
 
 def deployment(cfg: ServiceConfig):

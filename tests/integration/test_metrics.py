@@ -73,6 +73,9 @@ def test_engine_metrics_carry_model_and_replica(prometheus):
     series = query(prometheus, 'ray_vllm_num_requests_running{ray_io_cluster="local"}')
     replicas = {s["metric"]["ReplicaId"] for s in series}
     assert len(replicas) == 2 and all(s["metric"]["model_name"] == "tiny-mistral" for s in series)
+    tokens = query(prometheus, "sum by (direction) (ray_mistral_ray_tokens_total)")
+    assert {s["metric"]["direction"] for s in tokens} == {"in", "out"}
+    assert all(float(s["value"][1]) > 0 for s in tokens)
     rejected = query(prometheus, "sum by (reason) (ray_mistral_ray_router_rejected_requests_total)")
     assert {s["metric"]["reason"] for s in rejected} >= {"validation", "model_not_found"}
 

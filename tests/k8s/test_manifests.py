@@ -41,8 +41,12 @@ def test_serve_config_v2_is_the_deployment_file(built):
     overlay, objs = built
     served = yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])
     local = load_deployment(PROJECT_ROOT / k8s.OVERLAYS[overlay])
+    # The one difference a cluster makes: API keys are required there.
+    args = served["applications"][0]["args"]
+    assert args["router"].pop("api_keys") == {"enabled": True}
+    if not args["router"]:
+        del args["router"]
     assert served["applications"] == local.raw["applications"]
-    # And it validates as our config, with the same meaning.
     assert parse_service(served["applications"][0]["args"]) == local.service
     assert served["http_options"]["host"] == "0.0.0.0"
 
@@ -75,6 +79,11 @@ def test_cluster_shape(built):
     assert {"serve", "metrics"} <= {p["name"] for p in container["ports"]}
     assert container["resources"]["requests"] == container["resources"]["limits"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    served = parse_service(yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert served.router.api_keys.enabled and served.router.api_keys.file.startswith(mounts["api-keys"] + "/")
+    secret_volume = next(v for v in worker["volumes"] if v["name"] == "api-keys")["secret"]
+    assert secret_volume["secretName"] == "mistral-ray-api-keys" and not secret_volume.get("optional")
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "mistral-ray-hf-token"
     if overlay == "gpu":

@@ -20,7 +20,7 @@ from mistral_ray.router.app import _parse, _relay
 
 
 class FakeEngine:
-    async def handle(self, route, body):
+    async def handle(self, route, body, on_usage=None):
         req = json.loads(body)
         if req.get("boom"):
             raise RuntimeError("engine core died")
