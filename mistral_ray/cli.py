@@ -89,6 +89,13 @@ def _rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prometheus_config(args: argparse.Namespace) -> int:
+    from mistral_ray import monitoring
+
+    print(monitoring.shipped_config_yaml(), end="")
+    return 0
+
+
 def _serve_config(args: argparse.Namespace) -> int:
     from mistral_ray import k8s
 
@@ -143,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
     k8s = sub.add_parser("k8s", help="render Kubernetes manifests from the project's sources of truth")
     k8s_sub = k8s.add_subparsers(dest="action", required=True)
     k8s_sub.add_parser("rules", help="print the PrometheusRule built from the rules file").set_defaults(func=_rules)
+    k8s_sub.add_parser("prometheus-config", help="print the local Prometheus scrape config").set_defaults(
+        func=_prometheus_config
+    )
     sc = k8s_sub.add_parser("serve-config", help="a deployment file as the RayService's serveConfigV2")
     sc.add_argument("config", nargs="?", help="a file under deployments/ (print its serveConfigV2)")
     sc.add_argument("--write", action="store_true", help="regenerate every k8s/overlays/*/serve-config.yaml")

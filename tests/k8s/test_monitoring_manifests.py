@@ -15,6 +15,13 @@ def test_prometheus_rule_matches_rules_file():
     assert on_disk == monitoring.prometheus_rule_yaml(), "run: mistral-ray k8s rules > k8s/monitoring/prometheusrule.yaml"
 
 
+def test_shipped_scrape_config_is_what_make_monitor_runs():
+    assert monitoring.SCRAPE_CONFIG.read_text() == monitoring.shipped_config_yaml()
+    shipped = yaml.safe_load(monitoring.SCRAPE_CONFIG.read_text())
+    assert shipped["scrape_configs"] == monitoring.prometheus_config(8080)["scrape_configs"]
+    assert (monitoring.SCRAPE_CONFIG.parent / shipped["rule_files"][0]) == monitoring.RULES
+
+
 def test_monitoring_builds_and_validates():
     require_schemas()
     objs = kustomize(MONITORING)

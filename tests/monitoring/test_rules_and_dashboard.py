@@ -62,3 +62,10 @@ def test_dashboard_shape():
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"
         assert all('ray_io_cluster=~"$cluster"' in t["expr"] for t in panel["targets"]), panel["title"]
+
+
+def test_promtool_check_shipped_scrape_config():
+    from mistral_ray.monitoring import SCRAPE_CONFIG
+
+    out = subprocess.run([PROMTOOL, "check", "config", str(SCRAPE_CONFIG)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
