@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -112,7 +113,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     shape = planner.PRESETS[args.model] if args.model in planner.PRESETS else planner.ModelShape.from_hf_config(args.model)
     if args.no_window:
-        shape = planner.ModelShape(**{**shape.__dict__, "sliding_window": None})
+        shape = dataclasses.replace(shape, sliding_window=None)
     p = planner.plan(
         shape, args.context_len, args.concurrency, dtype=args.dtype, gpu_memory_gib=args.gpu_memory_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, overhead_gib=args.overhead_gib,

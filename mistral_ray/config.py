@@ -148,7 +148,10 @@ class ObservabilityConfig(_Strict):
         True, description="Export vLLM's engine metrics (TTFT, KV usage, queue, ...) through Ray's metrics "
         "pipeline, tagged with the Serve replica id, so a scrape of each Ray node's metrics port sees them."
     )
-    router_metrics: bool = Field(True, description="Record the router's request metrics (mistral_ray_router_*).")
+    router_metrics: bool = Field(
+        True, description="Record our request metrics (mistral_ray_router_* in the router, "
+        "mistral_ray_tokens_total in the replicas)."
+    )
     metrics_export_port: int = Field(
         8080, ge=1, le=65535, description="Ray's per-node Prometheus export port (KubeRay's default)."
     )

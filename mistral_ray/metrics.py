@@ -18,79 +18,74 @@ E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
 REJECT_REASONS = ("validation", "model_not_found", "no_replica", "auth", "rate_limit", "overload")
 
 
+class _Off:
+    """Stands in for a metric when metrics are switched off in the config."""
+
+    def inc(self, *args, **kwargs) -> None: ...
+    def set(self, *args, **kwargs) -> None: ...
+    def observe(self, *args, **kwargs) -> None: ...
+
+
+def _declare(enabled: bool, kind, name: str, description: str, tags: tuple[str, ...], **kwargs):
+    return kind(name, description=description, tag_keys=tags, **kwargs) if enabled else _Off()
+
+
 class RouterMetrics:
     """The router's view: what clients asked for and what they experienced."""
 
     def __init__(self, model: str, enabled: bool = True):
         self.model = model
-        self.enabled = enabled
-        self.requests = metrics.Counter(
-            "mistral_ray_router_requests_total",
-            description="Requests answered by the router, by route, model, HTTP status and API key id.",
-            tag_keys=("route", "model", "status", "key_id"),
+        self.requests = _declare(
+            enabled, metrics.Counter, "mistral_ray_router_requests_total",
+            "Requests answered by the router, by route, model, HTTP status and API key id.",
+            ("route", "model", "status", "key_id"),
         )
-        self.in_flight = metrics.Gauge(
-            "mistral_ray_router_requests_in_flight",
-            description="Requests the router is handling now (accepted, not yet finished).",
-            tag_keys=("route", "model"),
+        self.in_flight = _declare(
+            enabled, metrics.Gauge, "mistral_ray_router_requests_in_flight",
+            "Requests the router is handling now (accepted, not yet finished).", ("route", "model"),
         )
-        self.ttft = metrics.Histogram(
-            "mistral_ray_router_time_to_first_token_seconds",
-            description="From request received to the first body byte sent (the first token for streams).",
-            boundaries=TTFT_BUCKETS,
-            tag_keys=("route", "model", "stream"),
+        self.ttft = _declare(
+            enabled, metrics.Histogram, "mistral_ray_router_time_to_first_token_seconds",
+            "From request received to the first body byte sent (the first token for streams).",
+            ("route", "model", "stream"), boundaries=TTFT_BUCKETS,
         )
-        self.e2e = metrics.Histogram(
-            "mistral_ray_router_e2e_request_latency_seconds",
-            description="From request received to the last byte sent, successful requests.",
-            boundaries=E2E_BUCKETS,
-            tag_keys=("route", "model", "stream"),
+        self.e2e = _declare(
+            enabled, metrics.Histogram, "mistral_ray_router_e2e_request_latency_seconds",
+            "From request received to the last byte sent, successful requests.",
+            ("route", "model", "stream"), boundaries=E2E_BUCKETS,
         )
-        self.rejected = metrics.Counter(
-            "mistral_ray_router_rejected_requests_total",
-            description="Requests refused before reaching an engine, by reason.",
-            tag_keys=("route", "model", "reason"),
+        self.rejected = _declare(
+            enabled, metrics.Counter, "mistral_ray_router_rejected_requests_total",
+            "Requests refused before reaching an engine, by reason.", ("route", "model", "reason"),
         )
-        self.max_replicas = metrics.Gauge(
-            "mistral_ray_config_max_replicas",
-            description="scaling.max_replicas of the deployment, from the config (for 'pinned at max').",
-            tag_keys=("application", "deployment"),
+        self.max_replicas = _declare(
+            enabled, metrics.Gauge, "mistral_ray_config_max_replicas",
+            "scaling.max_replicas of the deployment, from the config (for 'pinned at max').",
+            ("application", "deployment"),
         )
-        self._in_flight = {}
+        self._in_flight: dict[str, int] = {}
 
     def configured(self, application: str, deployment: str, max_replicas: int) -> None:
-        if not self.enabled:
-            return
         self.max_replicas.set(max_replicas, tags={"application": application, "deployment": deployment})
 
     def started(self, route: str) -> None:
-        if not self.enabled:
-            return
         n = self._in_flight.get(route, 0) + 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
 
     def finished(self, route: str, status: int, key_id: str = "none") -> None:
-        if not self.enabled:
-            return
         n = self._in_flight.get(route, 1) - 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
         self.requests.inc(tags={"route": route, "model": self.model, "status": str(status), "key_id": key_id})
 
     def first_byte(self, route: str, stream: bool, seconds: float) -> None:
-        if not self.enabled:
-            return
         self.ttft.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
 
     def completed(self, route: str, stream: bool, seconds: float) -> None:
-        if not self.enabled:
-            return
         self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
 
     def reject(self, route: str, reason: str) -> None:
-        if not self.enabled:
-            return
         assert reason in REJECT_REASONS, reason
         self.rejected.inc(tags={"route": route, "model": self.model, "reason": reason})
 
@@ -100,15 +95,12 @@ class TokenMetrics:
 
     def __init__(self, model: str, enabled: bool = True):
         self.model = model
-        self.enabled = enabled
-        self.tokens = metrics.Counter(
-            "mistral_ray_tokens_total",
-            description="Prompt (in) and completion (out) tokens of finished requests, from vLLM's usage.",
-            tag_keys=("route", "model", "direction"),
+        self.tokens = _declare(
+            enabled, metrics.Counter, "mistral_ray_tokens_total",
+            "Prompt (in) and completion (out) tokens of finished requests, from vLLM's usage.",
+            ("route", "model", "direction"),
         )
 
     def count(self, route: str, prompt: int, completion: int) -> None:
-        if not self.enabled:
-            return
         self.tokens.inc(prompt, tags={"route": route, "model": self.model, "direction": "in"})
         self.tokens.inc(completion, tags={"route": route, "model": self.model, "direction": "out"})

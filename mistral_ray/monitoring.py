@@ -55,13 +55,15 @@ def start_prometheus(metrics_port: int, port: int = 9090, data_dir: Path | None 
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(metrics_port, scrape_interval), sort_keys=False))
-    return subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: stopped by PID, never by name
-    )
+    # Its log goes to a file: a pipe nobody reads would block Prometheus once it filled up.
+    with open(data_dir / "prometheus.log", "ab") as log:
+        return subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped by PID, never by name
+        )
 
 
 def prometheus_rule(name: str = "mistral-ray") -> dict:

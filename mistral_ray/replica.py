@@ -8,8 +8,8 @@ be exercised without vllm; the default factory is the only path that imports it.
 from __future__ import annotations
 
 import os
-from functools import partial
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, Optional, Protocol, Union
 
 from ray import serve
@@ -45,10 +45,8 @@ class LLMServer:
     async def __init__(
         self, cfg: ServiceConfig, engine_factory: Optional[Callable[[ServiceConfig], Awaitable[Engine]]] = None
     ):
-        self.cfg = cfg
         self.engine = await (engine_factory or start_vllm)(cfg)
-        context = serve.get_replica_context() if _in_serve() else None
-        self.replica_id = context.replica_id.unique_id if context else f"pid-{os.getpid()}"
+        self.replica_id = _replica_id()
         self.tokens = TokenMetrics(cfg.model.name, enabled=cfg.observability.router_metrics)
 
     async def generate(self, route: str, body: bytes) -> AsyncIterator[Union[Head, str]]:
@@ -83,12 +81,12 @@ class LLMServer:
             engine.shutdown()
 
 
-def _in_serve() -> bool:
+def _replica_id() -> str:
+    """Serve's replica id; the process id when the class runs outside Serve (unit tests)."""
     try:
-        serve.get_replica_context()
-        return True
+        return serve.get_replica_context().replica_id.unique_id
     except Exception:
-        return False
+        return f"pid-{os.getpid()}"
 
 
 def deployment(cfg: ServiceConfig):

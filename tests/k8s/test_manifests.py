@@ -92,7 +92,7 @@ def test_cluster_shape(built):
         assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == "mistral-ray-model-cache"
 
 
-def test_changing_max_replicas_changes_the_cluster(tmp_path, monkeypatch):
+def test_changing_max_replicas_changes_the_cluster(tmp_path):
     # One place: edit the deployment file, regenerate, and the RayService's Serve config follows.
     dep = load_deployment(PROJECT_ROOT / "deployments" / "mistral-7b-instruct-v0.1.yaml")
     raw = dep.raw

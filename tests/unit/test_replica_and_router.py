@@ -117,3 +117,15 @@ def test_fastapi_errors_are_openai_shaped():
         assert r.status_code == status
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert client.post("/x/1").status_code == 405
+
+
+def test_metrics_switched_off_declare_nothing():
+    from mistral_ray import metrics
+
+    off = metrics.RouterMetrics("m", enabled=False)
+    assert all(isinstance(getattr(off, n), metrics._Off) for n in ("requests", "in_flight", "ttft", "e2e", "rejected"))
+    off.started("chat")
+    off.finished("chat", 200, "k")
+    off.reject("chat", "auth")
+    assert off._in_flight == {"chat": 0}
+    assert isinstance(metrics.TokenMetrics("m", enabled=False).tokens, metrics._Off)
