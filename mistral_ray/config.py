@@ -23,6 +23,9 @@ STATE_DIR = PROJECT_ROOT / ".state"
 APP_IMPORT_PATH = "mistral_ray.app:build_app"
 LLM_DEPLOYMENT = "LLMServer"
 ROUTER_DEPLOYMENT = "Router"
+# Serve imports these by path on the controller and in every handle.
+REQUEST_ROUTER = "mistral_ray.router.request_router:LLMRequestRouter"
+AUTOSCALING_POLICY = "mistral_ray.autoscaling:LLMAutoscalingPolicy"
 
 
 class ConfigError(ValueError):
@@ -90,8 +93,23 @@ class ScalingConfig(_Strict):
     replica_gpus: float = Field(0, ge=0, description="Ray GPUs reserved per LLM replica.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve sends one replica at once.")
     target_ongoing_requests: float = Field(
-        16, gt=0, description="Per-replica load the autoscaler aims at (when min < max)."
+        16, gt=0, description="Queued + running requests per replica the autoscaler aims at (when min < max)."
     )
+    target_kv_usage: float = Field(
+        0.8, gt=0, le=1, description="Sliding-window-aware KV-cache use per replica the autoscaler aims at; "
+        "whichever of the two targets needs more replicas wins."
+    )
+    upscale_delay_s: float = Field(10, ge=0, description="How long the need for more replicas must last.")
+    downscale_delay_s: float = Field(60, ge=0, description="How long the need for fewer replicas must last.")
+    downscale_to_zero_delay_s: Optional[float] = Field(
+        None, ge=0, description="Delay before going from 1 to 0 replicas (min_replicas 0); default downscale_delay_s."
+    )
+    look_back_period_s: float = Field(10, gt=0, description="Window the replicas' stats are averaged over.")
+    drain_timeout_s: float = Field(
+        30, ge=0, description="On scale-down or shutdown a replica takes no new requests and gets this long "
+        "to finish the ones it has (Serve's graceful shutdown)."
+    )
+    metrics_interval_s: float = Field(2, gt=0, description="How often replicas push their stats to Serve.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ScalingConfig":
@@ -128,12 +146,75 @@ class ApiKeysConfig(_Strict):
         return [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
 
 
+class RoutingConfig(_Strict):
+    """Which LLM replica gets a request (see mistral_ray/routing.py)."""
+
+    policy: Literal["pow2", "prefix_affinity", "session"] = Field(
+        "pow2", description="pow2: the less loaded of two random replicas. prefix_affinity: the replica "
+        "holding the longest cached prompt prefix. session: the replica the session used before. The last two "
+        "fall back to pow2 when their favourite is overloaded."
+    )
+    imbalance: int = Field(
+        8, ge=0, description="A favourite replica is skipped when its queued + running requests exceed the "
+        "least loaded replica's by more than this."
+    )
+    kv_limit: float = Field(0.95, gt=0, description="A favourite replica is skipped at this KV-cache use.")
+    block_chars: int = Field(
+        64, ge=1, description="Prefix block size in characters (about one 16-token KV block of English)."
+    )
+    max_prefix_blocks: int = Field(512, ge=1, description="Leading blocks of a prompt that are hashed.")
+    index_blocks: int = Field(
+        65536, ge=1, description="Prefix blocks remembered per replica (least recently used are forgotten)."
+    )
+    session_header: str = Field(
+        "x-session-id", min_length=1, description="Header naming the session (else the body's `user` field)."
+    )
+    chars_per_token: float = Field(
+        4.0, gt=0, description="Prompt characters per token, for KV accounting before the engine tokenizes."
+    )
+    stats_period_s: float = Field(0.5, gt=0, description="How often Serve reads each replica's load.")
+
+
+class LimitsConfig(_Strict):
+    """What one request may ask for, and how fast one API key may ask (see router/limits.py)."""
+
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body; more gets 413.")
+    max_prompt_tokens: Optional[int] = Field(
+        None, ge=1, description="Longest prompt in tokens, counted by the engine's tokenizer (400 beyond); "
+        "null: the context length is the only bound."
+    )
+    max_tokens: Optional[int] = Field(
+        None, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask for (400 beyond)."
+    )
+    max_n: int = Field(8, ge=1, description="Most choices (`n`) per request (400 beyond).")
+    requests_per_minute: Optional[int] = Field(
+        None, ge=1, description="Per API key (or for everyone when keys are off), per router replica; "
+        "429 with Retry-After beyond. null: no limit."
+    )
+    tokens_per_minute: Optional[int] = Field(
+        None, ge=1, description="Prompt (estimated) + requested completion tokens per minute, per key and "
+        "router replica; 429 with Retry-After beyond. null: no limit."
+    )
+
+
 class RouterConfig(_Strict):
     num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved per router replica.")
     min_replicas: int = Field(1, ge=1, description="Fewest router replicas.")
     max_replicas: int = Field(1, ge=1, description="Most router replicas.")
+    target_ongoing_requests: float = Field(
+        256, gt=0, description="In-flight requests per router replica Serve's autoscaler aims at (min < max)."
+    )
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one router replica holds.")
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests one router replica lets wait for an LLM replica (none ready yet, all "
+        "busy); more get 503 with Retry-After, so memory stays bounded."
+    )
+    request_timeout_s: float = Field(
+        120, gt=0, description="Longest wait for a replica's answer (first token when streaming) before 504."
+    )
     ready_timeout_s: float = Field(5.0, gt=0, description="How long /ready waits on a replica.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
 
     @model_validator(mode="after")
@@ -223,6 +304,14 @@ class ServiceConfig(_Strict):
             ),
             health_check_period_s=10,
             health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=s.drain_timeout_s,
+            graceful_shutdown_wait_loop_s=1,
+            request_router_config=dict(
+                request_router_class=REQUEST_ROUTER,
+                request_router_kwargs=self.router.routing.model_dump(),
+                request_routing_stats_period_s=self.router.routing.stats_period_s,
+                request_routing_stats_timeout_s=max(1.0, self.router.routing.stats_period_s),
+            ),
         )
         if s.min_replicas == s.max_replicas:
             opts["num_replicas"] = s.min_replicas
@@ -231,7 +320,17 @@ class ServiceConfig(_Strict):
                 min_replicas=s.min_replicas,
                 max_replicas=s.max_replicas,
                 initial_replicas=s.initial_replicas,
-                target_ongoing_requests=s.target_ongoing_requests,
+                upscale_delay_s=s.upscale_delay_s,
+                downscale_delay_s=s.downscale_delay_s,
+                downscale_to_zero_delay_s=s.downscale_to_zero_delay_s,
+                look_back_period_s=s.look_back_period_s,
+                metrics_interval_s=s.metrics_interval_s,
+                policy=dict(
+                    policy_function=AUTOSCALING_POLICY,
+                    policy_kwargs=dict(
+                        target_ongoing_requests=s.target_ongoing_requests, target_kv_usage=s.target_kv_usage
+                    ),
+                ),
             )
         return opts
 
@@ -241,11 +340,18 @@ class ServiceConfig(_Strict):
             name=ROUTER_DEPLOYMENT,
             max_ongoing_requests=r.max_ongoing_requests,
             ray_actor_options=dict(num_cpus=r.num_cpus),
+            # The router drains with its replicas: a stream it relays must outlive the replica's drain.
+            graceful_shutdown_timeout_s=self.scaling.drain_timeout_s + 5,
+            graceful_shutdown_wait_loop_s=1,
         )
         if r.min_replicas == r.max_replicas:
             opts["num_replicas"] = r.min_replicas
         else:
-            opts["autoscaling_config"] = dict(min_replicas=r.min_replicas, max_replicas=r.max_replicas)
+            opts["autoscaling_config"] = dict(
+                min_replicas=r.min_replicas,
+                max_replicas=r.max_replicas,
+                target_ongoing_requests=r.target_ongoing_requests,
+            )
         return opts
 
 

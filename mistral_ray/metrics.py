@@ -15,7 +15,9 @@ from ray.util import metrics
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
 
-REJECT_REASONS = ("validation", "model_not_found", "no_replica", "auth", "rate_limit", "overload")
+REJECT_REASONS = (
+    "validation", "too_large", "model_not_found", "no_replica", "auth", "rate_limit", "overload", "timeout"
+)
 
 
 class _Off:
@@ -58,6 +60,10 @@ class RouterMetrics:
             enabled, metrics.Counter, "mistral_ray_router_rejected_requests_total",
             "Requests refused before reaching an engine, by reason.", ("route", "model", "reason"),
         )
+        self.retries = _declare(
+            enabled, metrics.Counter, "mistral_ray_router_retries_total",
+            "Requests sent again to another replica because theirs died before answering.", ("route", "model"),
+        )
         self.max_replicas = _declare(
             enabled, metrics.Gauge, "mistral_ray_config_max_replicas",
             "scaling.max_replicas of the deployment, from the config (for 'pinned at max').",
@@ -84,6 +90,9 @@ class RouterMetrics:
 
     def completed(self, route: str, stream: bool, seconds: float) -> None:
         self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
+
+    def retried(self, route: str) -> None:
+        self.retries.inc(tags={"route": route, "model": self.model})
 
     def reject(self, route: str, reason: str) -> None:
         assert reason in REJECT_REASONS, reason

@@ -14,9 +14,11 @@ from typing import Any, Optional, Protocol, Union
 
 from ray import serve
 
+from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
 from mistral_ray.config import ServiceConfig
 from mistral_ray.metrics import TokenMetrics
 from mistral_ray.protocol import Head, error_json
+from mistral_ray.routing import RouteHint, kv_usage
 
 
 class Engine(Protocol):
@@ -34,7 +36,8 @@ async def start_vllm(cfg: ServiceConfig) -> Engine:
 
     if cfg.model.build_tiny:  # on this replica's node: on a cluster, the builder ran somewhere else
         tiny_model.ensure(cfg.model.resolved_source())
-    return await VLLMEngine.start(cfg.engine_kwargs(), ray_metrics=cfg.observability.engine_metrics)
+    return await VLLMEngine.start(cfg.engine_kwargs(), ray_metrics=cfg.observability.engine_metrics,
+                                  max_prompt_tokens=cfg.router.limits.max_prompt_tokens)
 
 
 class LLMServer:
@@ -48,8 +51,26 @@ class LLMServer:
         self.engine = await (engine_factory or start_vllm)(cfg)
         self.replica_id = _replica_id()
         self.tokens = TokenMetrics(cfg.model.name, enabled=cfg.observability.router_metrics)
+        info = self.engine.info()
+        self.sliding_window = info.get("sliding_window")
+        self.kv_capacity = (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0)
+        self.chars_per_token = cfg.router.routing.chars_per_token
+        # In-flight sequences: [estimated tokens so far, started]; a request is waiting until its first chunk.
+        self.inflight: dict[object, list] = {}
 
-    async def generate(self, route: str, body: bytes) -> AsyncIterator[Union[Head, str]]:
+    async def generate(
+        self, route: str, body: bytes, hint: Optional[RouteHint] = None
+    ) -> AsyncIterator[Union[Head, str]]:
+        prompt_chars = hint.prompt_chars if hint is not None else len(body)
+        key = object()
+        seq = self.inflight[key] = [int(prompt_chars / self.chars_per_token), False]
+        try:
+            async for item in self._generate(route, body, seq):
+                yield item
+        finally:
+            del self.inflight[key]
+
+    async def _generate(self, route: str, body: bytes, seq: list) -> AsyncIterator[Union[Head, str]]:
         try:
             status, payload = await self.engine.handle(route, body, on_usage=partial(self.tokens.count, route))
         except Exception as exc:  # the engine failed this request; the replica keeps serving others
@@ -62,7 +83,26 @@ class LLMServer:
             return
         yield Head(status, self.replica_id, stream=True)
         async for chunk in payload:
+            seq[0] += 1
+            seq[1] = True
             yield chunk
+
+    def load(self) -> dict[str, float]:
+        """Queued + running requests and sliding-window-aware KV use, as routing and autoscaling see them."""
+        running = sum(1 for _, started in self.inflight.values() if started)
+        return {
+            WAITING: len(self.inflight) - running,
+            RUNNING: running,
+            KV_USAGE: kv_usage((n for n, _ in self.inflight.values()), self.sliding_window, self.kv_capacity),
+        }
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """Serve's request router reads this every `routing.stats_period_s`."""
+        return self.load()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler reads this every `scaling.metrics_interval_s` (see autoscaling.py)."""
+        return self.load()
 
     def info(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, **self.engine.info()}

@@ -7,6 +7,7 @@ only adapt their results to our hop: a status and either a JSON body or the SSE 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Optional, Union
 
@@ -27,6 +28,7 @@ from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from mistral_ray.protocol import error_json
 
+logger = logging.getLogger("ray.serve")
 Body = Union[str, AsyncIterator[str]]
 OnUsage = Callable[[int, int], None]
 ROUTES = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
@@ -49,8 +51,9 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return f"{param}: {err['msg']}" if param else err["msg"], param
 
 
-def _reject_overlong(serving: Any, render: str) -> None:
-    """Make `serving.<render>` reject prompt + max_tokens beyond the context, as OpenAI does.
+def _reject_overlong(serving: Any, render: str, max_prompt_tokens: Optional[int]) -> None:
+    """Make `serving.<render>` reject prompt + max_tokens beyond the context, as OpenAI does, and prompts
+    beyond `max_prompt_tokens` (the operator's limit).
 
     vLLM silently clamps max_tokens to the room left in the context; clients written against OpenAI expect
     a 400 instead of a shorter answer. The check runs on the rendered prompt, so nothing is tokenized twice.
@@ -60,13 +63,18 @@ def _reject_overlong(serving: Any, render: str) -> None:
 
     async def checked(request, *args, **kwargs):
         result = await inner(request, *args, **kwargs)
-        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        if wanted is None or isinstance(result, ErrorResponse):
+        if isinstance(result, ErrorResponse):
             return result
+        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
         inputs = result[1] if isinstance(result, tuple) else result
         for engine_input in inputs:
             prompt = serving._extract_prompt_len(engine_input)
-            if prompt + wanted > limit:
+            if max_prompt_tokens is not None and prompt > max_prompt_tokens:
+                return serving.create_error_response(
+                    f"The prompt has {prompt} tokens; this server accepts at most {max_prompt_tokens}.",
+                    param="messages" if "chat" in render else "prompt",
+                )
+            if wanted is not None and prompt + wanted > limit:
                 return serving.create_error_response(
                     f"This model's maximum context length is {limit} tokens. However, you requested "
                     f"{prompt + wanted} tokens ({prompt} in the prompt, {wanted} for the completion). "
@@ -93,18 +101,19 @@ async def _with_usage(chunks: AsyncIterator[str], on_usage: OnUsage, forward_usa
 class VLLMEngine:
     """A started engine. Built by `start`; the replica owns exactly one."""
 
-    def __init__(self, llm: AsyncLLM, state: State):
+    def __init__(self, llm: AsyncLLM, state: State, max_prompt_tokens: Optional[int] = None):
         self.llm = llm
         self._handlers = {
             "chat": state.openai_serving_chat.create_chat_completion,
             "completions": state.openai_serving_completion.create_completion,
         }
         self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
-        _reject_overlong(state.openai_serving_chat, "render_chat_request")
-        _reject_overlong(state.openai_serving_completion, "render_completion_request")
+        _reject_overlong(state.openai_serving_chat, "render_chat_request", max_prompt_tokens)
+        _reject_overlong(state.openai_serving_completion, "render_completion_request", max_prompt_tokens)
 
     @classmethod
-    async def start(cls, engine_kwargs: dict[str, Any], ray_metrics: bool = False) -> "VLLMEngine":
+    async def start(cls, engine_kwargs: dict[str, Any], ray_metrics: bool = False,
+                    max_prompt_tokens: Optional[int] = None) -> "VLLMEngine":
         args = _server_args(engine_kwargs)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
@@ -119,7 +128,7 @@ class VLLMEngine:
         )
         state = State()
         await init_app_state(llm, state, args, await llm.get_supported_tasks())
-        return cls(llm, state)
+        return cls(llm, state, max_prompt_tokens)
 
     async def handle(self, route: str, body: bytes, on_usage: Optional[OnUsage] = None) -> tuple[int, Body]:
         """Run one OpenAI request; returns (status, JSON text) or (200, SSE chunk stream). `on_usage`
@@ -129,6 +138,8 @@ class VLLMEngine:
         except ValidationError as exc:
             message, param = _validation_message(exc)
             return 400, error_json(400, message, param)
+        except VLLMClientError as exc:  # vLLM's own model validators raise these, and pydantic lets them through
+            return 400, error_json(400, str(exc), getattr(exc, "parameter", None))
         client_wants_usage = bool(request.stream and request.stream_options and request.stream_options.include_usage)
         if request.stream and on_usage and not client_wants_usage:
             # Ask vLLM for its final usage chunk, read it, and do not pass it on (see _with_usage).
@@ -137,6 +148,11 @@ class VLLMEngine:
             result = await self._handlers[route](request, None)
         except (ValueError, VLLMClientError) as exc:
             result = self._serving[route].create_error_response(exc)
+        except (TypeError, KeyError, AttributeError, IndexError) as exc:
+            # A request shape vLLM's models accept but its rendering cannot handle: the client's input, not
+            # the engine, is at fault. Logged with its traceback so a real bug stays visible.
+            logger.warning("request rejected by vLLM's serving layer", exc_info=True)
+            return 400, error_json(400, f"the request could not be processed: {type(exc).__name__}: {exc}")
         if isinstance(result, ErrorResponse):
             err = result.error
             return err.code, error_json(err.code, err.message, err.param)

@@ -8,7 +8,6 @@ SSE chunks go out as they arrive, with no batching timer in front of the first t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,39 +15,32 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from mistral_ray.config import LLM_DEPLOYMENT, ServiceConfig
 from mistral_ray.metrics import RouterMetrics
-from mistral_ray.protocol import REPLICA_HEADER, SSE_MEDIA_TYPE, Head, sse_error
+from mistral_ray.protocol import REPLICA_HEADER, SSE_MEDIA_TYPE, Head
 from mistral_ray.router import errors
 from mistral_ray.router.auth import ApiKeys
 from mistral_ray.router.errors import error_response
+from mistral_ray.router.intake import check_shape, hint, parse, read_body, refused, relay
+from mistral_ray.router.limits import RateLimiter, Refusal, check_sizes, requested_tokens
+from mistral_ray.routing import RouteHint
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="mistral-ray", description="OpenAI-compatible API for Mistral on Ray Serve")
 errors.install(api)
 
 
-def _parse(body: bytes) -> dict | Response:
-    """The request's JSON object, or the 400 that explains why it is not one."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error_response(400, f"request body is not valid JSON: {exc}", code="invalid_json")
-    if not isinstance(payload, dict):
-        return error_response(400, "request body must be a JSON object", code="invalid_json")
-    return payload
+# A replica that died (node preempted, actor killed) before answering: nothing reached the client yet, and
+# generation is idempotent for the client (a new sample), so the request is sent once more, elsewhere.
+_REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
 
-async def _relay(replies: AsyncIterator[str]) -> AsyncIterator[str]:
-    try:
-        async for chunk in replies:
-            yield chunk
-    except asyncio.CancelledError:
-        raise  # the client went away; cancelling `replies` aborts the request in the engine
-    except Exception as exc:  # the replica died mid-stream: end with an error event, not a hang
-        yield sse_error(503, f"the LLM replica failed mid-stream: {type(exc).__name__}")
+def _overloaded(message: str) -> Refusal:
+    return Refusal(503, f"{message}; retry later", code="overloaded", retry_after_s=1, reason="overload")
 
 
 # Helpers stay above the class: Serve pickles the ingress class with the globals defined before it.
@@ -66,6 +58,9 @@ class Router:
         self.metrics.configured(app_name, LLM_DEPLOYMENT, cfg.scaling.max_replicas)
         keys = cfg.router.api_keys
         self.keys = ApiKeys(keys.read_entries()) if keys.enabled else None
+        limits = cfg.router.limits
+        self.rate = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute)
+        self.waiting = 0  # requests here without a first byte from a replica yet (bounded)
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -132,26 +127,55 @@ class Router:
         return response
 
     async def _answer(self, route: str, request: Request, start: float, key_id: str) -> Response:
-        body = await request.body()
-        payload = _parse(body)
+        cfg, r = self.cfg, self.cfg.router
+        body = await read_body(request, r.limits.max_body_bytes)
+        if isinstance(body, Response):
+            self.metrics.reject(route, "too_large")
+            return body
+        payload = parse(body)
         if isinstance(payload, Response):
             self.metrics.reject(route, "validation")
             return payload
         model = payload.get("model")
-        if model is not None and model != self.cfg.model.name:
+        if model is not None and model != cfg.model.name:
             self.metrics.reject(route, "model_not_found")
             return error_response(
                 404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
-        replies = self.llm_stream.generate.remote(route, body)
+        broken = check_shape(route, payload)
+        if broken is not None:
+            self.metrics.reject(route, "validation")
+            return error_response(400, broken[0], param=broken[1])
+        refusal = check_sizes(payload, r.limits.max_tokens, r.limits.max_n)
+        route_hint = hint(cfg, route, payload, request)
+        if refusal is None and self.rate.enabled:
+            tokens = requested_tokens(payload, route_hint.prompt_chars, r.routing.chars_per_token,
+                                      cfg.engine.max_model_len or 0)
+            refusal = self.rate.admit(key_id, tokens)
+        if refusal is None and self.waiting >= r.max_queued_requests:
+            refusal = _overloaded(f"the server is at capacity ({r.max_queued_requests} requests waiting)")
+        if refusal is not None:
+            self.metrics.reject(route, refusal.reason)
+            return refused(refusal.status, refusal.message, refusal.param, refusal.code, refusal.retry_after_s)
+        self.waiting += 1
         try:
-            head: Head = await replies.__anext__()
+            # Waits while no replica is ready (cold start, scale from zero) or all are full, but not forever.
+            head, replies, content = await asyncio.wait_for(self._dispatch(route, body, route_hint),
+                                                            r.request_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.reject(route, "timeout")
+            return error_response(504, f"no answer from an LLM replica within {r.request_timeout_s:g}s "
+                                  "(router.request_timeout_s)", code="timeout")
+        except BackPressureError as exc:
+            self.metrics.reject(route, "overload")
+            return refused(503, f"the LLM replicas are at capacity: {exc}", code="overloaded", retry_after_s=1)
         except Exception as exc:
             self.metrics.reject(route, "no_replica")
             return error_response(503, f"no LLM replica could take the request: {type(exc).__name__}: {exc}")
+        finally:
+            self.waiting -= 1
         headers = {REPLICA_HEADER: head.replica_id}
-        if not head.stream:
-            content = "".join([chunk async for chunk in replies])
+        if content is not None:
             if head.status == 200:
                 elapsed = time.perf_counter() - start
                 self.metrics.first_byte(route, False, elapsed)
@@ -160,8 +184,27 @@ class Router:
                 self.metrics.reject(route, "validation")
             return Response(content, status_code=head.status, media_type="application/json", headers=headers)
         return StreamingResponse(
-            self._timed(route, start, key_id, _relay(replies)), media_type=SSE_MEDIA_TYPE, headers=headers
+            self._timed(route, start, key_id, relay(replies)), media_type=SSE_MEDIA_TYPE, headers=headers
         )
+
+    async def _dispatch(self, route: str, body: bytes, route_hint: RouteHint):
+        """(head, replies, whole body for unary answers) from one replica; if that replica dies before
+        anything was sent to the client, once more on another (Serve has stopped routing to the dead one)."""
+        for attempt in (1, 2):
+            replies = self.llm_stream.generate.remote(route, body, route_hint)
+            try:
+                head: Head = await replies.__anext__()
+                content = None if head.stream else "".join([chunk async for chunk in replies])
+                return head, replies, content
+            except asyncio.CancelledError:
+                replies.cancel()  # timed out or the client left: free the engine too
+                raise
+            except _REPLICA_LOST as exc:
+                if attempt == 2:
+                    raise
+                self.metrics.retried(route)
+                logger.warning("%s: replica lost before answering (%s); retrying on another", route,
+                               type(exc).__name__)
 
     async def _timed(self, route: str, start: float, key_id: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         first, complete = True, False

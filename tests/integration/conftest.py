@@ -64,3 +64,31 @@ def llm_handle(app):
     from mistral_ray.config import LLM_DEPLOYMENT
 
     return serve.get_deployment_handle(LLM_DEPLOYMENT, app_name=app.deployment.app_name)
+
+
+def extra_app(app, name: str, **updates):
+    """A second application beside the session app on the same cluster (own name, route prefix and model
+    name, so its engines' metrics can be told apart). `updates` patch sections of the config's args.
+    Its replicas reserve no Ray CPUs: the session app already holds what this 2-core machine offers."""
+    args = app.deployment.service.model_dump()
+    args["model"]["name"] = f"tiny-mistral-{name}"
+    args["scaling"]["replica_cpus"] = 0
+    for section, values in updates.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                args[section][key].update(value)
+            else:
+                args[section][key] = value
+    return parse_service(args)
+
+
+def deploy(app, name: str, service, wait: bool = True) -> str:
+    from ray import serve
+
+    from mistral_ray.app import build
+
+    serve.run(build(service), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"{app.base_url}/{name}"
+    if wait:
+        launcher.wait_ready(url, timeout_s=420)
+    return url

@@ -77,10 +77,34 @@ def test_bad_config_names_the_field(tmp_path, args, field):
     assert "applications[0].args" in str(err.value)
 
 
-def test_autoscaling_when_min_below_max():
-    svc = parse_service({"scaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}})
-    auto = svc.llm_deployment_options()["autoscaling_config"]
-    assert auto == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": None, "target_ongoing_requests": 8}
+def test_autoscaling_when_min_below_max_uses_our_policy_as_serve_reads_it():
+    from ray.serve.config import AutoscalingConfig
+
+    from mistral_ray.autoscaling import LLMAutoscalingPolicy
+
+    svc = parse_service({"scaling": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 8,
+                                     "upscale_delay_s": 2, "downscale_to_zero_delay_s": 300}})
+    auto = AutoscalingConfig(**svc.llm_deployment_options()["autoscaling_config"])
+    assert (auto.min_replicas, auto.max_replicas, auto.upscale_delay_s, auto.downscale_to_zero_delay_s) == (0, 3, 2, 300)
+    assert auto.policy.policy_function == "mistral_ray.autoscaling:LLMAutoscalingPolicy"
+    assert auto.policy.policy_kwargs == {"target_ongoing_requests": 8, "target_kv_usage": 0.8}
+    policy = auto.policy.get_policy()(**auto.policy.policy_kwargs)  # what Serve's controller does
+    assert policy.target_ongoing_requests == 8 and type(policy).__name__ == LLMAutoscalingPolicy.__name__
+    router = parse_service({"router": {"min_replicas": 1, "max_replicas": 4}}).router_deployment_options()
+    assert AutoscalingConfig(**router["autoscaling_config"]).target_ongoing_requests == 256
+
+
+def test_routing_policy_reaches_serve_request_router_config():
+    from ray.serve.config import RequestRouterConfig
+
+    from mistral_ray.router.request_router import LLMRequestRouter
+
+    svc = parse_service({"router": {"routing": {"policy": "prefix_affinity", "imbalance": 3}}})
+    rrc = RequestRouterConfig(**svc.llm_deployment_options()["request_router_config"])
+    assert rrc.get_request_router_class() is LLMRequestRouter
+    assert rrc.request_router_kwargs["policy"] == "prefix_affinity" and rrc.request_routing_stats_period_s == 0.5
+    with pytest.raises(ConfigError, match="router.routing.policy"):
+        parse_service({"router": {"routing": {"policy": "random"}}})
 
 
 def test_file_without_our_app_is_rejected(tmp_path):

@@ -16,7 +16,7 @@ from mistral_ray.config import ServiceConfig
 from mistral_ray.protocol import Head
 from mistral_ray.replica import LLMServer
 from mistral_ray.router import errors
-from mistral_ray.router.app import _parse, _relay
+from mistral_ray.router.intake import parse as _parse, relay as _relay
 
 
 class FakeEngine:
@@ -34,7 +34,7 @@ class FakeEngine:
         return 200, chunks()
 
     def info(self):
-        return {"num_kv_heads": 2}
+        return {"num_kv_heads": 2, "sliding_window": 64, "num_kv_blocks": 4, "block_size": 32}
 
     async def check_health(self):
         return None
@@ -129,3 +129,33 @@ def test_metrics_switched_off_declare_nothing():
     off.reject("chat", "auth")
     assert off._in_flight == {"chat": 0}
     assert isinstance(metrics.TokenMetrics("m", enabled=False).tokens, metrics._Off)
+
+
+def test_replica_reports_waiting_running_and_windowed_kv_while_streaming():
+    from mistral_ray.routing import RouteHint
+
+    async def go():
+        server = await replica()
+        assert server.load() == {"waiting": 0, "running": 0, "kv_usage": 0.0}
+        long_prompt = server.generate("chat", b'{"stream": true}', RouteHint(prompt_chars=4000))  # ~1000 tokens
+        short = server.generate("chat", b'{"stream": true}', RouteHint(prompt_chars=40))  # ~10 tokens
+        await long_prompt.__anext__()  # the head: admitted, no token yet
+        await short.__anext__()
+        assert server.load()["waiting"] == 2
+        await long_prompt.__anext__()  # first chunk: running
+        stats = server.record_routing_stats()
+        assert (stats["waiting"], stats["running"]) == (1, 1)
+        # KV counts min(length, W=64) per sequence on 4 x 32 = 128 token slots: (64 + 10) / 128.
+        assert stats["kv_usage"] == pytest.approx(74 / 128)
+        assert server.record_autoscaling_stats() == stats
+        await long_prompt.aclose()
+        await short.aclose()
+        assert server.load()["waiting"] + server.load()["running"] == 0
+
+    asyncio.run(go())
+
+
+def test_parse_refuses_deep_nesting_with_400():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    resp = _parse(deep)
+    assert resp.status_code == 400 and b"nested too deeply" in resp.body

@@ -1,0 +1,57 @@
+"""`mistral-ray bench`: `vllm bench serve`-style numbers for any OpenAI-compatible URL, and side-by-side runs
+of several targets it starts itself (our stack with each routing policy, bare `vllm serve`, ray.serve.llm).
+
+Workloads are seeded and bounded (`workloads.py`); each request is streamed and timed (`load.py`); results go
+to a table, JSON and PNG plots, with the engines' prefix-cache hit rate read from their metrics (`report.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Optional
+
+from mistral_ray.bench.load import Result, drive, summarize
+from mistral_ray.bench.report import hit_rate, plot, prefix_cache_counters, table, to_json
+from mistral_ray.bench.targets import Target
+from mistral_ray.bench.workloads import ChatTrace, random_prompts
+
+__all__ = ["Result", "run", "run_target", "table", "to_json", "plot", "ChatTrace"]
+
+
+def _level(target: Target, workload: str, model: str, concurrency: int, opts: dict, progress: bool) -> Result:
+    seed = opts["seed"] + concurrency  # a fresh trace per level: no level reuses another's cached prefixes
+    if workload == "chat":
+        work = ChatTrace(model, sessions=max(opts["sessions"], concurrency), turns=opts["turns"],
+                         system_prompts=opts["system_prompts"], system_words=opts["system_words"],
+                         user_words=opts["user_words"], output_len=opts["output_len"], seed=seed)
+    else:
+        n = max(opts["requests"], 2 * concurrency)
+        work = random_prompts(model, n, opts["input_len"], opts["output_len"], opts["vocab"], seed)
+    before = prefix_cache_counters(target.metrics_url)
+    replies, duration = asyncio.run(drive(target.base_url, work, concurrency, f"{target.label} c={concurrency}",
+                                          opts.get("headers"), progress))
+    time.sleep(target.metrics_lag_s if before is not None else 0)
+    rate = hit_rate(before, prefix_cache_counters(target.metrics_url))
+    return summarize(target.label, workload, concurrency, replies, duration, rate)
+
+
+def run_target(target: Target, model: str, workload: str, concurrencies: list[int], warmup: int = 4,
+               progress: bool = True, **opts) -> list[Result]:
+    """Warm up, then one bounded run per concurrency level."""
+    defaults = dict(requests=64, input_len=128, output_len=64, vocab=961, seed=0, sessions=16, turns=4,
+                    system_prompts=2, system_words=120, user_words=40)
+    opts = {**defaults, **opts}
+    if warmup:
+        asyncio.run(drive(target.base_url, random_prompts(model, warmup, 16, 4, opts["vocab"], opts["seed"] - 1),
+                          2, progress=False))
+    return [_level(target, workload, model, c, opts, progress) for c in concurrencies]
+
+
+def run(base_url: str, model: str, concurrencies: list[int], requests: int, input_len: int, output_len: int,
+        vocab: int, seed: int, target: str, warmup: int = 4, metrics_url: Optional[str] = None,
+        progress: bool = False) -> list[Result]:
+    """The random-prompt workload against a server that is already running."""
+    return run_target(Target(target, base_url, metrics_url), model, "random", concurrencies, warmup, progress,
+                      requests=requests, input_len=input_len, output_len=output_len, vocab=vocab, seed=seed)

@@ -1,0 +1,144 @@
+"""Driving a workload against an OpenAI-compatible URL and summarizing what came back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import httpx
+
+from mistral_ray.bench.workloads import Call, ChatTrace
+from mistral_ray.protocol import REPLICA_HEADER
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+@dataclass
+class Reply:
+    ok: bool
+    ttft: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    text: str = ""
+    replica: Optional[str] = None
+    error: str = ""
+    session: Optional[int] = None  # chat trace: which conversation this turn belongs to
+
+
+async def send(client: httpx.AsyncClient, base_url: str, call: Call, headers: dict[str, str]) -> Reply:
+    """One streamed request: time to first token, gaps between tokens, the answer text."""
+    start = time.perf_counter()
+    stamps: list[float] = []
+    parts: list[str] = []
+    try:
+        async with client.stream("POST", base_url + PATHS[call.route], json=call.body, headers=headers) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Reply(False, error=f"{r.status_code}: {r.text[:200]}")
+            replica = r.headers.get(REPLICA_HEADER)
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return Reply(False, error=str(event["error"])[:200], replica=replica)
+                for choice in event.get("choices") or []:
+                    stamps.append(time.perf_counter())
+                    parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    except httpx.HTTPError as exc:
+        return Reply(False, error=repr(exc))
+    if not stamps:
+        return Reply(False, error="no tokens", replica=replica)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return Reply(True, stamps[0] - start, gaps, len(stamps), "".join(parts), replica)
+
+
+def _progress(total: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="req", leave=False, dynamic_ncols=True)
+
+
+async def drive(base_url: str, work: list[Call] | ChatTrace, concurrency: int, label: str = "",
+                headers: Optional[dict[str, str]] = None, progress: bool = True) -> tuple[list[Reply], float]:
+    """Send `work` with at most `concurrency` requests in flight; a ChatTrace runs each session's turns in
+    order (a turn is sent once the previous answer is in), sessions in parallel. Returns replies and seconds."""
+    base_url = base_url.rstrip("/")
+    headers = headers or {}
+    replies: list[Reply] = []
+    bar = _progress(work.requests if isinstance(work, ChatTrace) else len(work), label) if progress else None
+    jobs: asyncio.Queue = asyncio.Queue()
+    for job in range(work.sessions) if isinstance(work, ChatTrace) else work:
+        jobs.put_nowait(job)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not jobs.empty():
+            job = jobs.get_nowait()
+            if isinstance(work, ChatTrace):
+                for turn in range(work.turns):  # one session, turn after turn
+                    call = work.call(job, turn)
+                    reply = await send(client, base_url, call, headers)
+                    reply.session = job
+                    if reply.ok:
+                        work.answered(call, reply.text)
+                    replies.append(reply)
+                    bar and bar.update()
+            else:
+                replies.append(await send(client, base_url, job, headers))
+                bar and bar.update()
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        duration = time.perf_counter() - start
+    if bar:
+        bar.close()
+    return replies, duration
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@dataclass
+class Result:
+    target: str
+    workload: str
+    concurrency: int
+    requests: int
+    errors: int
+    duration_s: float
+    req_per_s: float
+    out_tok_per_s: float
+    ttft_ms_p50: float
+    ttft_ms_p95: float
+    ttft_ms_p99: float
+    itl_ms_p50: float
+    itl_ms_p95: float
+    itl_ms_p99: float
+    prefix_cache_hit_rate: Optional[float] = None
+    per_replica: dict[str, int] = field(default_factory=dict)
+    first_errors: list[str] = field(default_factory=list)
+
+
+def summarize(target: str, workload: str, concurrency: int, replies: list[Reply], duration: float,
+              hit_rate: Optional[float] = None) -> Result:
+    good = [r for r in replies if r.ok]
+    ttfts = [r.ttft for r in good]
+    gaps = [g for r in good for g in r.gaps]
+    return Result(
+        target, workload, concurrency, len(good), len(replies) - len(good), duration, len(good) / duration,
+        sum(r.tokens for r in good) / duration,
+        1000 * _pct(ttfts, 0.5), 1000 * _pct(ttfts, 0.95), 1000 * _pct(ttfts, 0.99),
+        1000 * _pct(gaps, 0.5), 1000 * _pct(gaps, 0.95), 1000 * _pct(gaps, 0.99),
+        hit_rate, dict(Counter(r.replica for r in good if r.replica)),
+        [r.error for r in replies if not r.ok][:3],
+    )

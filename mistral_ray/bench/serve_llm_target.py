@@ -1,0 +1,51 @@
+"""ray.serve.llm's `build_openai_app` serving our tiny model, as a benchmark target (peer comparison).
+
+`python -m mistral_ray.bench.serve_llm_target <deployment file> <port> <metrics port> <replicas>` serves
+until SIGTERM. The same engine arguments and KV size as our replicas, so only the serving stack differs.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+
+def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
+    import ray
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    from mistral_ray import tiny_model
+    from mistral_ray.config import load_deployment
+
+    cfg = load_deployment(config).service
+    kwargs = cfg.engine_kwargs()
+    source = kwargs.pop("model")
+    name = kwargs.pop("served_model_name")[0]
+    tiny_model.ensure(source)
+    llm = LLMConfig(
+        model_loading_config={"model_id": name, "model_source": source},
+        engine_kwargs=kwargs,
+        placement_group_config={"bundles": [{"CPU": cfg.scaling.replica_cpus}]},
+        deployment_config={"num_replicas": replicas},
+        runtime_env={"env_vars": cfg.replica_env()},
+        log_engine_metrics=True,
+    )
+    stop = threading.Event()
+    ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_openai_app({"llm_configs": [llm]}), blocking=False)
+        print("ray-serve-llm ready", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -1,0 +1,92 @@
+"""Routing policies on real replicas: pow2 balances a uniform load; prefix_affinity keeps each conversation
+on the replica holding its KV prefix and raises the engines' prefix-cache hit rate over pow2."""
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+
+import httpx
+import pytest
+
+from mistral_ray.bench.load import drive
+from mistral_ray.bench.report import prefix_cache_counters
+from mistral_ray.bench.workloads import ChatTrace, random_prompts
+from tests.integration.conftest import deploy, extra_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def affinity(app):
+    from ray import serve
+
+    service = extra_app(app, "affinity", router={"routing": {"policy": "prefix_affinity"}})
+    url = deploy(app, "affinity", service)
+    try:
+        yield url, service.model.name
+    finally:
+        serve.delete("affinity")
+
+
+def metrics_url(app) -> str:
+    return f"http://127.0.0.1:{app.deployment.service.observability.metrics_export_port}/metrics"
+
+
+def hits_and_queries(app, model: str) -> tuple[float, float]:
+    """The prefix-cache counters of one model's engines, summed over its replicas."""
+    text = httpx.get(metrics_url(app), timeout=10).text
+    hits = queries = 0.0
+    for line in text.splitlines():
+        if f'model_name="{model}"' not in line:
+            continue
+        if line.startswith("ray_vllm_prefix_cache_hits_total"):
+            hits += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ray_vllm_prefix_cache_queries_total"):
+            queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+def run_trace(url: str, model: str, seed: int):
+    # Short shared system prompts, several turns: the conversations' own history is most of each prompt.
+    trace = ChatTrace(model, sessions=8, turns=4, system_words=30, output_len=24, seed=seed)
+    replies, _ = asyncio.run(drive(url, trace, concurrency=4, progress=False))
+    assert len(replies) == 32
+    assert all(r.ok for r in replies), [r.error for r in replies if not r.ok][:3]
+    return trace, replies
+
+
+def test_pow2_balances_a_uniform_load(base_url, model_name):
+    calls = random_prompts(model_name, 96, input_len=32, output_len=8, vocab=900, seed=11)
+    replies, _ = asyncio.run(drive(base_url, calls, concurrency=8, progress=False))
+    assert all(r.ok for r in replies)
+    counts = Counter(r.replica for r in replies)
+    print(f"\npow2, 96 uniform requests on 2 replicas: {sorted(counts.values())}")
+    assert len(counts) == 2 and max(counts.values()) <= 1.2 * min(counts.values())
+
+
+def test_prefix_affinity_keeps_conversations_on_their_replica(app, affinity):
+    url, model = affinity
+    _, replies = run_trace(url, model, seed=5)
+    homes = defaultdict(set)
+    for r in replies:
+        homes[r.session].add(r.replica)
+    assert len(homes) == 8
+    assert all(len(h) == 1 for h in homes.values()), homes  # follow-ups went where their prefix is cached
+
+
+def test_prefix_affinity_hits_the_cache_more_than_pow2(app, affinity, base_url, model_name):
+    url, model = affinity
+    rates = {}
+    for name, (target, served) in {"pow2": (base_url, model_name), "prefix_affinity": (url, model)}.items():
+        before = hits_and_queries(app, served)
+        run_trace(target, served, seed=21)  # the same conversations for both
+        time.sleep(3)  # Ray's exporter publishes every second in the test app
+        after = hits_and_queries(app, served)
+        rates[name] = (after[0] - before[0]) / (after[1] - before[1])
+    print(f"\nprefix-cache hit rate on the same chat trace: {rates}")
+    assert rates["prefix_affinity"] > rates["pow2"]
+
+
+def test_engine_metrics_are_read_by_the_bench(app):
+    counters = prefix_cache_counters(metrics_url(app))
+    assert counters is not None and counters[1] > 0

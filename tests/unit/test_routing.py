@@ -1,0 +1,140 @@
+"""The routing policies' choices (pure logic, no Ray): load balance, prefix affinity, sessions, overload."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from mistral_ray.routing import (
+    Load, PrefixIndex, RouteHint, kv_usage, make_policy, prefix_blocks, prompt_text, sequence_kv_tokens,
+)
+
+
+def policy(name, **kw):
+    return make_policy(name, imbalance=kw.pop("imbalance", 4), kv_limit=kw.pop("kv_limit", 0.9),
+                       index_blocks=kw.pop("index_blocks", 1000), rng=random.Random(0))
+
+
+def hint(text, **kw):
+    return RouteHint(prefix=prefix_blocks(text, 8, 64), prompt_chars=len(text), **kw)
+
+
+IDLE = [Load("a", 0), Load("b", 0), Load("c", 0)]
+
+
+def test_sliding_window_caps_each_sequence_kv_at_the_window():
+    assert sequence_kv_tokens(100, 4096) == 100
+    assert sequence_kv_tokens(30_000, 4096) == 4096
+    assert sequence_kv_tokens(30_000, None) == 30_000  # v0.2/v0.3: no window, full length
+    # Three sequences on a 16k-token cache: 1000 + 4096 + 4096 with W=4096, not 1000 + 9000 + 30000.
+    assert kv_usage([1000, 9000, 30_000], 4096, 16_384) == pytest.approx(9192 / 16_384)
+    assert kv_usage([1000, 9000, 30_000], None, 16_384) == pytest.approx(40_000 / 16_384)
+    assert kv_usage([5], 4096, 0) == 0.0
+
+
+def test_prefix_blocks_are_chained_so_equal_digests_mean_equal_prefixes():
+    a = prefix_blocks("x" * 8 + "shared!!" + "tail-one", 8, 64)
+    b = prefix_blocks("y" * 8 + "shared!!" + "tail-one", 8, 64)
+    c = prefix_blocks("x" * 8 + "shared!!" + "tail-two", 8, 64)
+    assert len(a) == 3 and a[1] != b[1]  # same block text after a different first block: different digest
+    assert a[:2] == c[:2] and a[2] != c[2]
+    assert prefix_blocks("short", 8, 64) == ()  # partial blocks are not cached by engines either
+    assert len(prefix_blocks("z" * 800, 8, 10)) == 10
+
+
+def test_prompt_text_keys_chat_by_role_and_content():
+    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert prompt_text("chat", chat) == "system\x00S\x00user\x00hi\x00"
+    assert prompt_text("completions", {"prompt": "abc"}) == "abc"
+    assert prompt_text("completions", {"prompt": [1, 2]}) == "1 2 "
+    assert prompt_text("chat", {"messages": "not a list"}) == ""
+
+
+def test_pow2_prefers_the_less_loaded_of_two_and_balances_uniform_load():
+    p = policy("pow2")
+    assert p.rank(None, [Load("a", 9), Load("b", 2)]) == [["b", "a"]]
+    # Serving 3000 requests on 3 replicas whose load is what they hold: counts within 20 % of each other.
+    held = Counter({"a": 0, "b": 0, "c": 0})
+    sent = Counter()
+    rng = random.Random(1)
+    for _ in range(3000):
+        first = p.rank(None, [Load(r, held[r]) for r in held])[0][0]
+        held[first] += 1
+        sent[first] += 1
+        for r in held:  # each replica finishes some of its work
+            held[r] -= sum(rng.random() < 0.3 for _ in range(held[r]))
+    assert max(sent.values()) <= 1.2 * min(sent.values())
+
+
+def test_pow2_breaks_load_ties_by_kv_pressure():
+    p = policy("pow2")
+    assert p.rank(None, [Load("a", 1, kv_usage=0.7), Load("b", 1, kv_usage=0.2)])[0][0] == "b"
+
+
+def test_prefix_affinity_sends_a_conversation_back_to_the_replica_holding_its_prefix():
+    p = policy("prefix_affinity")
+    system = "You are a helpful assistant. " * 4
+    first = hint(system + "user: hello")
+    home = p.rank(first, IDLE)[0][0]
+    p.routed(first, home)
+    # The next turn resends the conversation: its longest cached prefix is at `home`.
+    follow_up = hint(system + "user: hello assistant: hi! user: how are you?")
+    for _ in range(20):
+        ranks = p.rank(follow_up, IDLE)
+        assert ranks[0] == [home]
+        assert home not in ranks[1]  # if Serve finds home full, it falls back to the others
+
+
+def test_prefix_affinity_picks_the_longest_match():
+    p = policy("prefix_affinity")
+    base = "A" * 64
+    p.routed(hint(base[:16]), "a")  # 2 blocks at a
+    p.routed(hint(base), "b")  # 8 blocks at b
+    assert p.rank(hint(base + "more"), IDLE)[0] == ["b"]
+
+
+def test_prefix_affinity_falls_back_to_pow2_when_its_favourite_is_overloaded():
+    p = policy("prefix_affinity", imbalance=4)
+    h = hint("B" * 64)
+    p.routed(h, "a")
+    assert p.rank(h, [Load("a", 4), Load("b", 0)])[0] == ["a"]  # within the imbalance: stay
+    assert p.rank(h, [Load("a", 5), Load("b", 0)]) == [["b", "a"]]  # beyond it: least loaded first
+    assert p.rank(h, [Load("a", 0, kv_usage=0.95), Load("b", 0)])[0][0] == "b"  # KV nearly full
+
+
+def test_prefix_affinity_spreads_unseen_prefixes_by_load():
+    p = policy("prefix_affinity")
+    assert p.rank(hint("C" * 64), [Load("a", 3), Load("b", 1)]) == [["b", "a"]]
+    assert p.rank(RouteHint(), [Load("a", 3), Load("b", 1)]) == [["b", "a"]]  # prompt shorter than a block
+
+
+def test_prefix_index_forgets_least_recent_blocks_and_dead_replicas():
+    index = PrefixIndex(max_blocks_per_replica=4)
+    old, new = prefix_blocks("o" * 32, 8, 64), prefix_blocks("n" * 32, 8, 64)
+    index.insert("a", old)
+    index.insert("a", new)
+    assert index.match("a", old) == 0 and index.match("a", new) == 4
+    index.forget("a")
+    assert index.match("a", new) == 0
+
+
+def test_session_sticks_and_moves_on_overload():
+    p = policy("session", imbalance=2)
+    h = RouteHint(session="alice")
+    home = p.rank(h, IDLE)[0][0]
+    p.routed(h, home)
+    loads = [Load(r, 2 if r == home else 0) for r in "abc"]
+    assert p.rank(h, loads)[0] == [home]
+    loads = [Load(r, 3 if r == home else 0) for r in "abc"]
+    moved = p.rank(h, loads)[0][0]
+    assert moved != home
+    p.routed(h, moved)
+    assert p.rank(h, IDLE)[0] == [moved]  # the session's KV now lives there
+    p.forget(moved)
+    assert p.sessions == {}
+    assert p.rank(RouteHint(), [Load("a", 1), Load("b", 0)]) == [["b", "a"]]  # no session: pow2
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown routing policy 'random'"):
+        make_policy("random", imbalance=1, kv_limit=0.9)
