@@ -75,7 +75,11 @@ def _bench(args: argparse.Namespace) -> int:
     results = []
     for spec in specs:
         print(f"bench: starting {spec} (logs in {workdir}) ...", flush=True)
-        target = targets.start(spec, workdir, replicas=args.replicas)
+        try:
+            target = targets.start(spec, workdir, replicas=args.replicas)
+        except (RuntimeError, ValueError) as exc:  # one target that cannot start does not void the others
+            print(f"bench: skipping {spec}: {exc}", file=sys.stderr, flush=True)
+            continue
         if args.metrics_url and "=" in spec:
             target.metrics_url = args.metrics_url
         try:
@@ -83,6 +87,9 @@ def _bench(args: argparse.Namespace) -> int:
                 results += bench.run_target(target, args.model, workload, args.concurrency,
                                             progress=not args.no_progress, **opts)
                 print(bench.table([r for r in results if r.target == spec]), flush=True)
+                if out:  # after every target, so an interrupted comparison keeps what it measured
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / "results.json").write_text(bench.to_json(results))
         finally:
             target.stop()
     print("\n" + bench.table(results), flush=True)

@@ -80,6 +80,11 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
     enforce_eager: bool = Field(True, description="Skip CUDA graph / compile warm-up (faster start).")
     seed: int = Field(0, description="Engine seed; requests with their own `seed` stay reproducible.")
+    cpu_threads: Optional[int] = Field(
+        None, ge=1, description="Threads of a CPU engine's forward pass (OMP_NUM_THREADS); null: Ray's choice, "
+        "the replica's reserved CPUs (at least 1). On a 2-core machine that also runs the router and proxy, 1 "
+        "beats 2: spinning OpenMP threads starve the serving processes (measured: ITL 11.6 vs 18.5 ms at c=1)."
+    )
 
 
 class ScalingConfig(_Strict):

@@ -138,7 +138,10 @@ class Policy:
 
     def _pow2(self, loads: list[Load]) -> list[str]:
         pair = loads if len(loads) <= 2 else self.rng.sample(loads, 2)
-        return [l.replica for l in sorted(pair, key=lambda l: (l.ongoing, l.kv_usage, self.rng.random()))]
+        # Ties break at random, not by KV use: reported KV use is up to a stats period old, and a stale
+        # tie-breaker would send every tied request of that period to the same replica.
+        return [l.replica for l in sorted(pair, key=lambda l: (l.kv_usage >= self.kv_limit, l.ongoing,
+                                                                self.rng.random()))]
 
     def _overloaded(self, load: Load, loads: list[Load]) -> bool:
         least = min(l.ongoing for l in loads)

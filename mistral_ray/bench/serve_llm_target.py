@@ -28,7 +28,9 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
         model_loading_config={"model_id": name, "model_source": source},
         engine_kwargs=kwargs,
         placement_group_config={"bundles": [{"CPU": cfg.scaling.replica_cpus}]},
-        deployment_config={"num_replicas": replicas},
+        # Same Ray CPU reservations as ours (replica 0.5 in its bundle, ingress 0.1): on 2 cores its defaults
+        # (1 CPU per actor) cannot place two replicas and the ingress.
+        deployment_config={"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0}},
         runtime_env={"env_vars": cfg.replica_env()},
         log_engine_metrics=True,
     )
@@ -39,7 +41,9 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_openai_app({"llm_configs": [llm]}), blocking=False)
+        app = build_openai_app({"llm_configs": [llm], "ingress_deployment_config": {
+            "ray_actor_options": {"num_cpus": cfg.router.num_cpus}}})
+        serve.run(app, blocking=False)
         print("ray-serve-llm ready", flush=True)
         stop.wait()
     finally:

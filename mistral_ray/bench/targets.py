@@ -102,7 +102,7 @@ def _ray_serve_llm(label: str, replicas: int, workdir: Path) -> Target:
 
 
 def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 600) -> Target:
-    """Start the target `spec` names and return once it answers /v1/models (or fail with its log's tail)."""
+    """Start the target `spec` names and return once it answers a completion (else RuntimeError)."""
     if "=" in spec:
         label, url = spec.split("=", 1)
         return Target(label, url.rstrip("/"))

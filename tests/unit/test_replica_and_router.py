@@ -68,7 +68,7 @@ def test_replica_yields_head_then_body():
     server, unary, streamed, failed = asyncio.run(main())
     assert unary == [Head(200, server.replica_id, stream=False), '{"route": "chat"}']
     assert streamed[0] == Head(200, server.replica_id, stream=True)
-    assert streamed[1:] == ["data: 0\n\n", "data: 1\n\n", "data: 2\n\n"]
+    assert "".join(streamed[1:]) == "data: 0\n\ndata: 1\n\ndata: 2\n\n"  # maybe coalesced, never changed
     assert failed[0].status == 500 and "engine core died" in json.loads(failed[1])["error"]["message"]
     assert server.info()["replica_id"] == server.replica_id
 
@@ -159,3 +159,62 @@ def test_parse_refuses_deep_nesting_with_400():
     deep = b"[" * 100_000 + b"]" * 100_000
     resp = _parse(deep)
     assert resp.status_code == 400 and b"nested too deeply" in resp.body
+
+
+def test_coalesce_sends_at_once_and_merges_only_what_piled_up():
+    from mistral_ray.replica import coalesce
+
+    async def engine(gaps, fail=False):
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            yield f"data: {i}\n\n"
+        if fail:
+            raise RuntimeError("engine died")
+
+    async def consume(gaps, consumer_delay, fail=False):
+        count = []
+        items, stamps = [], []
+        t0 = asyncio.get_running_loop().time()
+        try:
+            async for item in coalesce(engine(gaps, fail), lambda: count.append(1)):
+                items.append(item)
+                stamps.append(asyncio.get_running_loop().time() - t0)
+                await asyncio.sleep(consumer_delay)  # the Ray hop
+        except RuntimeError as exc:
+            items.append(str(exc))
+        return items, stamps, len(count)
+
+    # A slow engine, a fast hop: one item per chunk, each sent as soon as it exists.
+    items, stamps, n = asyncio.run(consume([0.02] * 4, 0))
+    assert items == [f"data: {i}\n\n" for i in range(4)] and n == 4
+    assert stamps[0] < 0.05
+    # A fast engine, a slow hop: the first chunk alone and at once, then whatever piled up as one item.
+    items, stamps, n = asyncio.run(consume([0] + [0.005] * 9, 0.1))
+    assert items[0] == "data: 0\n\n" and stamps[0] < 0.05 and len(items) < 5
+    assert "".join(items) == "".join(f"data: {i}\n\n" for i in range(10))
+    # An engine failure arrives after the chunks before it.
+    items, _, _ = asyncio.run(consume([0, 0], 0, fail=True))
+    assert "".join(items[:-1]) == "data: 0\n\ndata: 1\n\n" and items[-1] == "engine died"
+
+
+def test_coalesce_closing_early_cancels_the_engine_stream():
+    from mistral_ray.replica import coalesce
+
+    cancelled = []
+
+    async def engine():
+        try:
+            for i in range(1000):
+                await asyncio.sleep(0.01)
+                yield f"data: {i}\n\n"
+        except asyncio.CancelledError:
+            cancelled.append(True)  # vLLM aborts the request here
+            raise
+
+    async def main():
+        stream = coalesce(engine(), lambda: None)
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+
+    asyncio.run(main())
+    assert cancelled == [True]

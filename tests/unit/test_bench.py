@@ -1,0 +1,58 @@
+"""The benchmark's parts that need no server: seeded workloads, the chat trace's growing conversations,
+hit-rate arithmetic from Prometheus text, the table, JSON and PNG plots, and bare vLLM's arguments."""
+
+import json
+
+import pytest
+
+from mistral_ray.bench import ChatTrace, plot, table, to_json
+from mistral_ray.bench.load import Reply, summarize
+from mistral_ray.bench.report import hit_rate
+from mistral_ray.bench.targets import _vllm_args
+from mistral_ray.bench.workloads import random_prompts
+from mistral_ray.config import ServiceConfig
+
+
+def test_random_prompts_are_seeded_and_sized():
+    a = random_prompts("m", 5, 16, 8, 900, seed=3)
+    assert a == random_prompts("m", 5, 16, 8, 900, seed=3) != random_prompts("m", 5, 16, 8, 900, seed=4)
+    assert all(len(c.body["prompt"]) == 16 and c.body["max_tokens"] == 8 and c.body["ignore_eos"] for c in a)
+    assert len({tuple(c.body["prompt"]) for c in a}) == 5  # no shared prefixes
+
+
+def test_chat_trace_resends_the_growing_conversation_with_shared_system_prompts():
+    trace = ChatTrace("m", sessions=4, turns=3, system_prompts=2, seed=1)
+    first = trace.call(0, 0)
+    assert [m["role"] for m in first.body["messages"]] == ["system", "user"]
+    trace.answered(first, "the answer")
+    second = trace.call(0, 1)
+    assert second.body["messages"][:3] == first.body["messages"] + [{"role": "assistant", "content": "the answer"}]
+    assert second.body["messages"][-1]["role"] == "user" and second.body["user"] == "session-0"
+    systems = {trace.call(s, 0).body["messages"][0]["content"] for s in range(4)}
+    assert len(systems) == 2  # shared across sessions
+    assert ChatTrace("m", sessions=4, turns=3, seed=1).call(2, 1).body == ChatTrace("m", sessions=4, turns=3, seed=1).call(2, 1).body
+
+
+def test_hit_rate_from_counter_deltas():
+    assert hit_rate((10, 100), (60, 200)) == pytest.approx(0.5)
+    assert hit_rate(None, (1, 2)) is None and hit_rate((1, 2), (1, 2)) is None
+
+
+def test_summary_table_json_and_plots(tmp_path):
+    replies = [Reply(True, 0.1, [0.01, 0.02], 3, "abc", "r1"), Reply(True, 0.3, [0.02], 2, "ab", "r2"),
+               Reply(False, error="503: busy")]
+    r = summarize("ours:pow2", "chat", 8, replies, 2.0, 0.42)
+    assert (r.requests, r.errors, r.req_per_s, r.out_tok_per_s) == (2, 1, 1.0, 2.5)
+    assert r.per_replica == {"r1": 1, "r2": 1} and r.first_errors == ["503: busy"]
+    assert "ours:pow2" in table([r]) and "42.0" in table([r])
+    assert json.loads(to_json([r]))[0]["prefix_cache_hit_rate"] == 0.42
+    written = plot([r, summarize("vllm", "chat", 8, replies[:1], 1.0, 0.5)], tmp_path)
+    assert [p.name for p in written] == ["latency_vs_concurrency.png", "hit_rate_by_target.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_bare_vllm_gets_the_same_engine_arguments():
+    args = _vllm_args(ServiceConfig())
+    assert args[1:3] == ["--served-model-name", "tiny-mistral"]
+    assert "--enable-prefix-caching" in args and "--enforce-eager" in args
+    assert args[args.index("--max-model-len") + 1] == "2048"
