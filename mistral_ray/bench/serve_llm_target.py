@@ -27,9 +27,10 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
     llm = LLMConfig(
         model_loading_config={"model_id": name, "model_source": source},
         engine_kwargs=kwargs,
-        placement_group_config={"bundles": [{"CPU": cfg.scaling.replica_cpus}]},
-        # Same Ray CPU reservations as ours (replica 0.5 in its bundle, ingress 0.1): on 2 cores its defaults
-        # (1 CPU per actor) cannot place two replicas and the ingress.
+        # A token CPU per replica: ray.serve.llm runs a model-download task that needs a whole free CPU at
+        # start, which two 0.5-CPU replicas on a 2-core machine would not leave.
+        placement_group_config={"bundles": [{"CPU": 0.01}]},
+        # Its defaults (1 CPU per actor) cannot place two replicas and the ingress on 2 cores.
         deployment_config={"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0}},
         runtime_env={"env_vars": cfg.replica_env()},
         log_engine_metrics=True,
