@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from functools import partial
 from typing import Any, Optional, Protocol, Union
 
@@ -68,8 +69,11 @@ class LLMServer:
         key = object()
         seq = self.inflight[key] = [int(prompt_chars / self.chars_per_token), False]
         try:
-            async for item in self._generate(route, body, seq):
-                yield item
+            # Closed explicitly, not left to the garbage collector: closing is what aborts the request in
+            # vLLM when the client goes away (see coalesce).
+            async with aclosing(self._generate(route, body, seq)) as items:
+                async for item in items:
+                    yield item
         finally:
             del self.inflight[key]
 
@@ -90,8 +94,9 @@ class LLMServer:
             seq[0] += 1
             seq[1] = True
 
-        async for chunks in coalesce(payload, produced):
-            yield chunks
+        async with aclosing(coalesce(payload, produced)) as coalesced:
+            async for chunks in coalesced:
+                yield chunks
 
     def load(self) -> dict[str, float]:
         """Queued + running requests and sliding-window-aware KV use, as routing and autoscaling see them."""

@@ -70,9 +70,11 @@ def test_every_panel_has_data(prometheus, client, base_url, model_name):
 
 
 def test_engine_metrics_carry_model_and_replica(prometheus):
-    series = query(prometheus, 'ray_vllm_num_requests_running{ray_io_cluster="local"}')
+    # The session app's engines (other tests add apps with their own model names, and a replica killed by
+    # the chaos test leaves its last sample behind until Prometheus marks it stale).
+    series = query(prometheus, 'ray_vllm_num_requests_running{ray_io_cluster="local", model_name="tiny-mistral"}')
     replicas = {s["metric"]["ReplicaId"] for s in series}
-    assert len(replicas) == 2 and all(s["metric"]["model_name"] == "tiny-mistral" for s in series)
+    assert len(replicas) >= 2 and all(s["metric"]["ReplicaId"] for s in series)
     tokens = query(prometheus, "sum by (direction) (ray_mistral_ray_tokens_total)")
     assert {s["metric"]["direction"] for s in tokens} == {"in", "out"}
     assert all(float(s["value"][1]) > 0 for s in tokens)

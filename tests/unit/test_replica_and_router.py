@@ -218,3 +218,35 @@ def test_coalesce_closing_early_cancels_the_engine_stream():
 
     asyncio.run(main())
     assert cancelled == [True]
+
+
+def test_closing_the_replica_stream_cancels_the_engine_stream_at_once():
+    cancelled = []
+
+    class LongEngine(FakeEngine):
+        async def handle(self, route, body, on_usage=None):
+            async def chunks():
+                try:
+                    for i in range(10_000):
+                        await asyncio.sleep(0.001)
+                        yield f"data: {i}\n\n"
+                except asyncio.CancelledError:
+                    cancelled.append(True)  # where vLLM aborts the request
+                    raise
+
+            return 200, chunks()
+
+    async def long_factory(cfg):
+        return LongEngine()
+
+    async def main():
+        server = LLMServer.__new__(LLMServer)
+        await server.__init__(ServiceConfig(), engine_factory=long_factory)
+        stream = server.generate("completions", b'{"stream": true}')
+        await stream.__anext__()  # head
+        await stream.__anext__()  # first chunk
+        await stream.aclose()  # Serve closes it when the client disconnects
+        return server
+
+    server = asyncio.run(main())
+    assert cancelled == [True] and server.inflight == {}
