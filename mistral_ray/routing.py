@@ -128,7 +128,13 @@ class Policy:
         self.rng = rng or random.Random()
 
     def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
-        return [self._pow2(loads)]
+        return self._ranks(self._pow2(loads))
+
+    @staticmethod
+    def _ranks(order: list[str]) -> list[list[str]]:
+        """One replica per rank: the order is ours. (Within a rank Serve would take the replica its
+        queue-length cache knows, and a replica added under load may never get a cache entry.)"""
+        return [[replica] for replica in order]
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
         """The request went to `replica` (learn from it)."""
@@ -150,7 +156,7 @@ class Policy:
     def _prefer(self, favourite: Load, loads: list[Load]) -> list[list[str]]:
         """The favourite alone first; if Serve finds it full, the pow2 choice among the others."""
         others = [l for l in loads if l.replica != favourite.replica]
-        return [[favourite.replica], self._pow2(others)] if others else [[favourite.replica]]
+        return [[favourite.replica]] + self._ranks(self._pow2(others))
 
 
 class PrefixAffinity(Policy):
@@ -163,14 +169,14 @@ class PrefixAffinity(Policy):
 
     def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
         if hint is None or not hint.prefix or not loads:
-            return [self._pow2(loads)]
+            return self._ranks(self._pow2(loads))
         scored = [(self.index.match(l.replica, hint.prefix), l) for l in loads]
         best_match = max(m for m, _ in scored)
         if best_match < self.min_match_blocks:
-            return [self._pow2(loads)]  # nothing cached anywhere: spread new prefixes by load
+            return self._ranks(self._pow2(loads))  # nothing cached anywhere: spread new prefixes by load
         holders = [l for m, l in scored if m == best_match and not self._overloaded(l, loads)]
         if not holders:
-            return [self._pow2(loads)]
+            return self._ranks(self._pow2(loads))
         return self._prefer(min(holders, key=lambda l: (l.ongoing, l.kv_usage)), loads)
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
@@ -194,7 +200,7 @@ class Session(Policy):
         for load in loads:
             if load.replica == home and not self._overloaded(load, loads):
                 return self._prefer(load, loads)
-        return [self._pow2(loads)]
+        return self._ranks(self._pow2(loads))
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
         if hint is None or not hint.session:

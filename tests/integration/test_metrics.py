@@ -84,7 +84,8 @@ def test_engine_metrics_carry_model_and_replica(prometheus):
 
 def test_recording_rules_evaluate(prometheus):
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not query(prometheus, "mistral_ray:llm_replicas_healthy:sum"):
+    rule = 'mistral_ray:llm_replicas_healthy:sum{application="mistral"}'  # the session app (others come and go)
+    while time.monotonic() < deadline and not query(prometheus, rule):
         time.sleep(2)
-    healthy = query(prometheus, "mistral_ray:llm_replicas_healthy:sum")
+    healthy = query(prometheus, rule)
     assert healthy and float(healthy[0]["value"][1]) == 2

@@ -56,11 +56,11 @@ def run_trace(url: str, model: str, seed: int):
 
 
 def test_pow2_balances_a_uniform_load(base_url, model_name):
-    calls = random_prompts(model_name, 96, input_len=32, output_len=8, vocab=900, seed=11)
+    calls = random_prompts(model_name, 160, input_len=32, output_len=8, vocab=900, seed=11)
     replies, _ = asyncio.run(drive(base_url, calls, concurrency=8, progress=False))
     assert all(r.ok for r in replies)
     counts = Counter(r.replica for r in replies)
-    print(f"\npow2, 96 uniform requests on 2 replicas: {sorted(counts.values())}")
+    print(f"\npow2, 160 uniform requests on 2 replicas: {sorted(counts.values())}")
     assert len(counts) == 2 and max(counts.values()) <= 1.2 * min(counts.values())
 
 
