@@ -3,20 +3,15 @@
 Starting it costs about a minute, so every integration module shares it (session scope).
 """
 
-import socket
-
 import pytest
 
 from mistral_ray import launcher
+from mistral_ray.bench.targets import free_port
 from mistral_ray.config import PROJECT_ROOT, load_deployment, parse_service
 
 LOCAL_CPU = PROJECT_ROOT / "deployments" / "local-cpu.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_replica_deployment():
