@@ -2,12 +2,15 @@
 
 Serve keeps doing what it does well (replica discovery, dead-replica removal, per-replica `max_ongoing_requests`,
 FIFO queueing and backoff while every replica is full); this class only ranks the candidates, using the policy
-from `routing.py`, the load each replica reports (`LLMServer.record_routing_stats`) and Serve's own count of
-requests it sent since (its queue-length cache), which is fresher between two reports.
+from `routing.py`, the load each replica reports (`LLMServer.record_routing_stats`) and this router's own count
+of requests in flight to each replica, which is fresher between two reports. (Not Serve's queue-length cache:
+it is overwritten by probes and rejections, and after a replica loss and an overload burst it was seen to
+over-count one replica for good, and pow2 split a uniform load 107/53.)
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Optional
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -32,12 +35,13 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, policy: str = "pow2", imbalance: int = 8, kv_limit: float = 0.95,
                          index_blocks: int = 65536, **_: Any) -> None:
         self.policy: Policy = make_policy(policy, imbalance=imbalance, kv_limit=kv_limit, index_blocks=index_blocks)
+        self.in_flight: Counter[str] = Counter()  # requests this router sent that have not completed
 
     def _load(self, replica: RunningReplica) -> Load:
         stats = replica.routing_stats or {}
         reported = int(stats.get(WAITING, 0) + stats.get(RUNNING, 0))
-        sent = self._replica_queue_len_cache.get(replica.replica_id) if self._use_replica_queue_len_cache else None
-        return Load(replica.replica_id.unique_id, max(reported, sent or 0), float(stats.get(KV_USAGE, 0.0)))
+        ours = self.in_flight.get(replica.replica_id.unique_id, 0)
+        return Load(replica.replica_id.unique_id, max(reported, ours), float(stats.get(KV_USAGE, 0.0)))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None
@@ -47,6 +51,20 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranks = self.policy.rank(_hint(pending_request), [self._load(r) for r in candidate_replicas])
         return [[by_id[i] for i in rank if i in by_id] for rank in ranks]
+
+    # Serve calls on_send_request once per request sent (accepted or not) and on_request_completed once when
+    # it ends, however it ends (a rejection cancels it), both on the router's event loop.
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        self.in_flight[replica_id.unique_id] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        key = replica_id.unique_id
+        if self.in_flight[key] <= 1:  # a send that failed before it went out completes without a send
+            self.in_flight.pop(key, None)
+        else:
+            self.in_flight[key] -= 1
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self.policy.routed(_hint(pending_request), replica_id.unique_id)
@@ -60,3 +78,4 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         super().update_replicas(replicas)
         for replica in gone:
             self.policy.forget(replica)
+            self.in_flight.pop(replica, None)

@@ -1,8 +1,9 @@
 """Routing policies on real replicas: pow2 balances a uniform load; prefix_affinity keeps each conversation
 on the replica holding its KV prefix and raises the engines' prefix-cache hit rate over pow2.
 
-Named to run early, on the session app's original pair of replicas: after the chaos test (a replica killed
-and replaced) and the overload burst, one CI run saw pow2 split 107 / 53 (open: see the closing note)."""
+Named to run after the chaos test (a replica killed and replaced) and the overload burst: that is where the
+router once split a uniform load 107 / 53, while Serve's queue-length cache fed its load figure (it now
+counts its own in-flight requests; 79 / 81 after the same two tests)."""
 
 import asyncio
 import time
