@@ -5,7 +5,8 @@ the request's `RouteHint`, and sends the request to the first rank of replicas t
 
 - `pow2`: two random replicas, the less loaded first (load-aware baseline).
 - `prefix_affinity`: the replica holding the longest cached prefix of the prompt, unless it is overloaded
-  (load beyond the least loaded replica by more than `imbalance`, or KV nearly full); then `pow2`.
+  (load beyond the least loaded replica by more than `imbalance`, or KV nearly full), or the cached part is
+  under `min_match_share` of the prompt (a new conversation that shares only a system prompt); then `pow2`.
 - `session`: the replica a session (header or `user` field) went to before, with the same overload fallback.
 
 Load is queued + running requests as the replicas report them. KV pressure counts each sequence's KV as
@@ -162,18 +163,21 @@ class Policy:
 class PrefixAffinity(Policy):
     name = "prefix_affinity"
 
-    def __init__(self, index: PrefixIndex, min_match_blocks: int = 1, **kwargs):
+    def __init__(self, index: PrefixIndex, min_match_share: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         self.index = index
-        self.min_match_blocks = min_match_blocks
+        self.min_match_share = min_match_share
 
     def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
         if hint is None or not hint.prefix or not loads:
             return self._ranks(self._pow2(loads))
         scored = [(self.index.match(l.replica, hint.prefix), l) for l in loads]
         best_match = max(m for m, _ in scored)
-        if best_match < self.min_match_blocks:
-            return self._ranks(self._pow2(loads))  # nothing cached anywhere: spread new prefixes by load
+        if best_match == 0 or best_match < self.min_match_share * len(hint.prefix):
+            # New conversations go by load even when one replica holds their (short) shared system prompt:
+            # following it would pile every new session onto that replica while the load stays under
+            # `imbalance` (seen at concurrency 8: 128 of 128 requests on one of two replicas).
+            return self._ranks(self._pow2(loads))
         holders = [l for m, l in scored if m == best_match and not self._overloaded(l, loads)]
         if not holders:
             return self._ranks(self._pow2(loads))
@@ -216,10 +220,10 @@ class Session(Policy):
 
 
 def make_policy(name: str, *, imbalance: int, kv_limit: float, index_blocks: int = 65536,
-                rng: Optional[random.Random] = None) -> Policy:
+                min_match_share: float = 0.5, rng: Optional[random.Random] = None) -> Policy:
     common = dict(imbalance=imbalance, kv_limit=kv_limit, rng=rng)
     if name == "prefix_affinity":
-        return PrefixAffinity(PrefixIndex(index_blocks), **common)
+        return PrefixAffinity(PrefixIndex(index_blocks), min_match_share=min_match_share, **common)
     if name == "session":
         return Session(**common)
     if name == "pow2":

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
+from mistral_ray.config import RoutingConfig
 from mistral_ray.routing import Load, Policy, RouteHint, make_policy
 
 
@@ -32,9 +33,11 @@ def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
 class LLMRequestRouter(FIFOMixin, RequestRouter):
     """`request_router_config.request_router_class` of the LLM deployment."""
 
-    def initialize_state(self, policy: str = "pow2", imbalance: int = 8, kv_limit: float = 0.95,
-                         index_blocks: int = 65536, **_: Any) -> None:
-        self.policy: Policy = make_policy(policy, imbalance=imbalance, kv_limit=kv_limit, index_blocks=index_blocks)
+    def initialize_state(self, **routing: Any) -> None:
+        """`routing`: the config's `router.routing` section (request_router_kwargs); defaults live there."""
+        cfg = RoutingConfig(**routing)
+        self.policy: Policy = make_policy(cfg.policy, imbalance=cfg.imbalance, kv_limit=cfg.kv_limit,
+                                          index_blocks=cfg.index_blocks, min_match_share=cfg.min_match_share)
         self.in_flight: Counter[str] = Counter()  # requests this router sent that have not completed
 
     def _load(self, replica: RunningReplica) -> Load:

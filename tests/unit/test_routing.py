@@ -111,6 +111,19 @@ def test_prefix_affinity_spreads_unseen_prefixes_by_load():
     assert p.rank(RouteHint(), [Load("a", 3), Load("b", 1)]) == [["b"], ["a"]]  # prompt shorter than a block
 
 
+def test_prefix_affinity_spreads_new_conversations_that_share_only_a_system_prompt():
+    p = policy("prefix_affinity")
+    system = "S" * 64
+    p.routed(hint(system + "first conversation " * 4), "a")  # `a` holds the shared system prompt
+    new = hint(system + "a new conversation asks something long enough " * 2)  # 8 of 19 blocks cached at a
+    firsts = Counter(p.rank(new, [Load("a", 1), Load("b", 1)])[0][0] for _ in range(200))
+    assert min(firsts.values()) > 60, firsts  # by load, ties at random: not all to `a`
+    assert p.rank(new, [Load("a", 2), Load("b", 0)])[0] == ["b"]
+    # Once a conversation's own turns are cached, they win (17 of 18 blocks here).
+    follow_up = hint(system + "first conversation " * 4 + "next")
+    assert p.rank(follow_up, [Load("a", 2), Load("b", 0)])[0] == ["a"]
+
+
 def test_prefix_index_forgets_least_recent_blocks_and_dead_replicas():
     index = PrefixIndex(max_blocks_per_replica=4)
     old, new = prefix_blocks("o" * 32, 8, 64), prefix_blocks("n" * 32, 8, 64)
