@@ -164,11 +164,6 @@ class RoutingConfig(_Strict):
         "least loaded replica's by more than this."
     )
     kv_limit: float = Field(0.95, gt=0, description="A favourite replica is skipped at this KV-cache use.")
-    min_match_share: float = Field(
-        0.5, ge=0, le=1, description="prefix_affinity follows a cached prefix only when it covers at least this "
-        "share of the prompt; below, the request goes by load (new conversations that share only a system "
-        "prompt spread over the replicas)."
-    )
     block_chars: int = Field(
         64, ge=1, description="Prefix block size in characters (about one 16-token KV block of English)."
     )

@@ -5,8 +5,8 @@ the request's `RouteHint`, and sends the request to the first rank of replicas t
 
 - `pow2`: two random replicas, the less loaded first (load-aware baseline).
 - `prefix_affinity`: the replica holding the longest cached prefix of the prompt, unless it is overloaded
-  (load beyond the least loaded replica by more than `imbalance`, or KV nearly full), or the cached part is
-  under `min_match_share` of the prompt (a new conversation that shares only a system prompt); then `pow2`.
+  (load beyond the least loaded replica by more than `imbalance`, or KV nearly full); then `pow2`. A chat's
+  first request (no assistant message yet) goes by load too: all it can share is a system prompt.
 - `session`: the replica a session (header or `user` field) went to before, with the same overload fallback.
 
 Load is queued + running requests as the replicas report them. KV pressure counts each sequence's KV as
@@ -32,6 +32,7 @@ class RouteHint:
     prefix: tuple[bytes, ...] = ()  # chained digests of the prompt's leading fixed-size blocks
     session: Optional[str] = None
     prompt_chars: int = 0
+    follow_up: bool = True  # False for a chat's first request: nothing of its own can be cached yet
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,14 @@ def prompt_text(route: str, payload: dict[str, Any]) -> str:
                 parts.append(f"{message.get('role')}\x00{_text(message.get('content'))}\x00")
         return "".join(parts)
     return _text(payload.get("prompt"))
+
+
+def is_follow_up(route: str, payload: dict[str, Any]) -> bool:
+    """Does the prompt carry an earlier answer (a chat with an assistant or tool message)? Completions have
+    no turns to tell, so they count as follow-ups (routed by their prefix)."""
+    if route != "chat":
+        return True
+    return any(isinstance(m, dict) and m.get("role") in ("assistant", "tool") for m in payload.get("messages") or [])
 
 
 def _text(value: Any) -> str:
@@ -163,21 +172,20 @@ class Policy:
 class PrefixAffinity(Policy):
     name = "prefix_affinity"
 
-    def __init__(self, index: PrefixIndex, min_match_share: float = 0.5, **kwargs):
+    def __init__(self, index: PrefixIndex, **kwargs):
         super().__init__(**kwargs)
         self.index = index
-        self.min_match_share = min_match_share
 
     def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
-        if hint is None or not hint.prefix or not loads:
+        # A chat's first request goes by load even when one replica holds its shared system prompt:
+        # following that would pile every new conversation onto the replica that cached it first, as long as
+        # the load gap stays under `imbalance` (seen at concurrency 8: 128 of 128 requests on one replica).
+        if hint is None or not hint.prefix or not hint.follow_up or not loads:
             return self._ranks(self._pow2(loads))
         scored = [(self.index.match(l.replica, hint.prefix), l) for l in loads]
         best_match = max(m for m, _ in scored)
-        if best_match == 0 or best_match < self.min_match_share * len(hint.prefix):
-            # New conversations go by load even when one replica holds their (short) shared system prompt:
-            # following it would pile every new session onto that replica while the load stays under
-            # `imbalance` (seen at concurrency 8: 128 of 128 requests on one of two replicas).
-            return self._ranks(self._pow2(loads))
+        if best_match == 0:
+            return self._ranks(self._pow2(loads))  # nothing cached anywhere: spread new prefixes by load
         holders = [l for m, l in scored if m == best_match and not self._overloaded(l, loads)]
         if not holders:
             return self._ranks(self._pow2(loads))
@@ -220,10 +228,10 @@ class Session(Policy):
 
 
 def make_policy(name: str, *, imbalance: int, kv_limit: float, index_blocks: int = 65536,
-                min_match_share: float = 0.5, rng: Optional[random.Random] = None) -> Policy:
+                rng: Optional[random.Random] = None) -> Policy:
     common = dict(imbalance=imbalance, kv_limit=kv_limit, rng=rng)
     if name == "prefix_affinity":
-        return PrefixAffinity(PrefixIndex(index_blocks), min_match_share=min_match_share, **common)
+        return PrefixAffinity(PrefixIndex(index_blocks), **common)
     if name == "session":
         return Session(**common)
     if name == "pow2":

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from mistral_ray.config import ServiceConfig
 from mistral_ray.protocol import sse_error
 from mistral_ray.router.errors import error_response
-from mistral_ray.routing import RouteHint, prefix_blocks, prompt_text
+from mistral_ray.routing import RouteHint, is_follow_up, prefix_blocks, prompt_text
 
 
 async def read_body(request: Request, limit: int) -> bytes | Response:
@@ -66,7 +66,8 @@ def hint(cfg: ServiceConfig, route: str, payload: dict[str, Any], request: Reque
     text = prompt_text(route, payload)
     user = payload.get("user")
     session = request.headers.get(routing.session_header) or (user if isinstance(user, str) else None)
-    return RouteHint(prefix_blocks(text, routing.block_chars, routing.max_prefix_blocks), session, len(text))
+    return RouteHint(prefix_blocks(text, routing.block_chars, routing.max_prefix_blocks), session, len(text),
+                     is_follow_up(route, payload))
 
 
 async def relay(replies: AsyncIterator[str]) -> AsyncIterator[str]:

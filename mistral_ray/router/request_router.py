@@ -37,7 +37,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         """`routing`: the config's `router.routing` section (request_router_kwargs); defaults live there."""
         cfg = RoutingConfig(**routing)
         self.policy: Policy = make_policy(cfg.policy, imbalance=cfg.imbalance, kv_limit=cfg.kv_limit,
-                                          index_blocks=cfg.index_blocks, min_match_share=cfg.min_match_share)
+                                          index_blocks=cfg.index_blocks)
         self.in_flight: Counter[str] = Counter()  # requests this router sent that have not completed
 
     def _load(self, replica: RunningReplica) -> Load:

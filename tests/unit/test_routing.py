@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from mistral_ray.routing import (
-    Load, PrefixIndex, RouteHint, kv_usage, make_policy, prefix_blocks, prompt_text, sequence_kv_tokens,
+    Load, PrefixIndex, RouteHint, is_follow_up, kv_usage, make_policy, prefix_blocks, prompt_text, sequence_kv_tokens,
 )
 
 
@@ -114,14 +114,22 @@ def test_prefix_affinity_spreads_unseen_prefixes_by_load():
 def test_prefix_affinity_spreads_new_conversations_that_share_only_a_system_prompt():
     p = policy("prefix_affinity")
     system = "S" * 64
-    p.routed(hint(system + "first conversation " * 4), "a")  # `a` holds the shared system prompt
-    new = hint(system + "a new conversation asks something long enough " * 2)  # 8 of 19 blocks cached at a
+    p.routed(hint(system + "first conversation"), "a")  # `a` holds the shared system prompt
+    new = hint(system + "a new conversation", follow_up=False)
     firsts = Counter(p.rank(new, [Load("a", 1), Load("b", 1)])[0][0] for _ in range(200))
     assert min(firsts.values()) > 60, firsts  # by load, ties at random: not all to `a`
     assert p.rank(new, [Load("a", 2), Load("b", 0)])[0] == ["b"]
-    # Once a conversation's own turns are cached, they win (17 of 18 blocks here).
-    follow_up = hint(system + "first conversation " * 4 + "next")
+    # Its next turn (with the answer) follows its own cached prefix, even against the load.
+    follow_up = hint(system + "first conversation" + " answer, next question")
     assert p.rank(follow_up, [Load("a", 2), Load("b", 0)])[0] == ["a"]
+
+
+def test_follow_ups_are_chats_with_an_earlier_answer():
+    system, user = {"role": "system", "content": "s"}, {"role": "user", "content": "u"}
+    assert not is_follow_up("chat", {"messages": [system, user]})
+    assert is_follow_up("chat", {"messages": [system, user, {"role": "assistant", "content": "a"}, user]})
+    assert not is_follow_up("chat", {"messages": None})
+    assert is_follow_up("completions", {"prompt": "p"})  # no turns to tell: routed by prefix
 
 
 def test_prefix_index_forgets_least_recent_blocks_and_dead_replicas():
