@@ -393,7 +393,7 @@ def parse_service(args: dict[str, Any] | None, where: str = "args") -> ServiceCo
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {where}.{loc}: {err['msg']}" if loc else f"  {where}: {err['msg']}")
-        raise ConfigError(f"invalid mistral-ray config:\n" + "\n".join(lines)) from None
+        raise ConfigError("invalid mistral-ray config:\n" + "\n".join(lines)) from None
 
 
 def load_deployment(path: str | os.PathLike) -> DeploymentFile:
