@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from mistral_ray.bench import DEFAULTS
 from mistral_ray.config import ConfigError, load_deployment
 
 
@@ -210,7 +211,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-window", action="store_true", help="plan as if the model had no sliding window")
     pl.add_argument("--write", help="set max_replicas and max_num_seqs in this deployment file")
     pl.set_defaults(func=_plan)
-    b = sub.add_parser("bench", help="load-test OpenAI-compatible servers, side by side (streamed requests)")
+    b = sub.add_parser("bench", help="load-test OpenAI-compatible servers, side by side (streamed requests)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("url", nargs="?", help="a running server's root, e.g. http://127.0.0.1:8000")
     b.add_argument("--targets", nargs="+", metavar="SPEC", help="servers to start and compare, one after the "
                    "other: ours:<pow2|prefix_affinity|session>[:<replicas>], vllm, ray-serve-llm, label=url")
@@ -221,16 +223,19 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--target", default="target", help="label of the URL's results")
     b.add_argument("--metrics-url", help="the URL's engine metrics (Prometheus text), for the hit rate")
     b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    b.add_argument("--requests", type=int, default=64, help="random: requests per level (>= 2x concurrency)")
-    b.add_argument("--input-len", type=int, default=128, help="random: prompt tokens")
-    b.add_argument("--output-len", type=int, default=64, help="tokens per answer (both workloads)")
-    b.add_argument("--vocab", type=int, default=961, help="random: prompt token ids are drawn below this")
-    b.add_argument("--sessions", type=int, default=16, help="chat: sessions per level (>= concurrency)")
-    b.add_argument("--turns", type=int, default=4, help="chat: turns per session")
-    b.add_argument("--system-prompts", type=int, default=2, help="chat: system prompts shared by sessions")
-    b.add_argument("--system-words", type=int, default=120, help="chat: words per system prompt")
-    b.add_argument("--user-words", type=int, default=40, help="chat: words per user message")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--requests", type=int, default=DEFAULTS["requests"],
+                   help="random: requests per level (>= 2x concurrency)")
+    b.add_argument("--input-len", type=int, default=DEFAULTS["input_len"], help="random: prompt tokens")
+    b.add_argument("--output-len", type=int, default=DEFAULTS["output_len"], help="tokens per answer (both workloads)")
+    b.add_argument("--vocab", type=int, default=DEFAULTS["vocab"], help="random: prompt token ids are drawn below this")
+    b.add_argument("--sessions", type=int, default=DEFAULTS["sessions"],
+                   help="chat: sessions per level (>= concurrency)")
+    b.add_argument("--turns", type=int, default=DEFAULTS["turns"], help="chat: turns per session")
+    b.add_argument("--system-prompts", type=int, default=DEFAULTS["system_prompts"],
+                   help="chat: system prompts shared by sessions")
+    b.add_argument("--system-words", type=int, default=DEFAULTS["system_words"], help="chat: words per system prompt")
+    b.add_argument("--user-words", type=int, default=DEFAULTS["user_words"], help="chat: words per user message")
+    b.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     b.add_argument("--out", help="directory for results.json and the PNG plots")
     b.add_argument("--json", help="also write the results here")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -16,7 +16,12 @@ from mistral_ray.bench.report import hit_rate, plot, prefix_cache_counters, tabl
 from mistral_ray.bench.targets import Target
 from mistral_ray.bench.workloads import ChatTrace, random_prompts
 
-__all__ = ["Result", "run", "run_target", "table", "to_json", "plot", "ChatTrace"]
+__all__ = ["DEFAULTS", "Result", "run", "run_target", "table", "to_json", "plot", "ChatTrace"]
+
+# Workload defaults (the CLI shows and takes these). The chat trace is the one the routing acceptance is
+# measured on: short shared system prompts, long user turns (pasted text, documents), 64-token answers.
+DEFAULTS = dict(requests=64, input_len=128, output_len=64, vocab=961, seed=0, sessions=32, turns=4,
+                system_prompts=2, system_words=30, user_words=150)
 
 
 def _level(target: Target, workload: str, model: str, concurrency: int, opts: dict, progress: bool) -> Result:
@@ -39,9 +44,7 @@ def _level(target: Target, workload: str, model: str, concurrency: int, opts: di
 def run_target(target: Target, model: str, workload: str, concurrencies: list[int], warmup: int = 4,
                progress: bool = True, **opts) -> list[Result]:
     """Warm up, then one bounded run per concurrency level."""
-    defaults = dict(requests=64, input_len=128, output_len=64, vocab=961, seed=0, sessions=16, turns=4,
-                    system_prompts=2, system_words=120, user_words=40)
-    opts = {**defaults, **opts}
+    opts = {**DEFAULTS, **opts}
     if warmup:
         asyncio.run(drive(target.base_url, random_prompts(model, warmup, 16, 4, opts["vocab"], opts["seed"] - 1),
                           2, progress=False))
