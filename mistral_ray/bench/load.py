@@ -15,6 +15,7 @@ from mistral_ray.bench.workloads import Call, ChatTrace
 from mistral_ray.protocol import REPLICA_HEADER
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+_END_OF_WORK = object()
 
 
 @dataclass
@@ -64,35 +65,46 @@ def _progress(total: int, label: str):
 
 
 async def drive(base_url: str, work: list[Call] | ChatTrace, concurrency: int, label: str = "",
-                headers: Optional[dict[str, str]] = None, progress: bool = True) -> tuple[list[Reply], float]:
-    """Send `work` with at most `concurrency` requests in flight; a ChatTrace runs each session's turns in
-    order (a turn is sent once the previous answer is in), sessions in parallel. Returns replies and seconds."""
+                headers: Optional[dict[str, str]] = None, progress: bool = True,
+                transport: Optional[httpx.AsyncBaseTransport] = None) -> tuple[list[Reply], float]:
+    """Send `work` with at most `concurrency` requests in flight. A ChatTrace's sessions interleave, as users
+    who read and type between turns do: a session's next turn (sent once its previous answer is in) joins
+    the back of the queue, behind the other sessions' waiting turns. (Sent at once instead, a turn found
+    its previous replica freshly unloaded and a load-aware policy sent it back there more often than chance,
+    which no real user's think time allows.) Returns replies and seconds."""
     base_url = base_url.rstrip("/")
     headers = headers or {}
     replies: list[Reply] = []
-    bar = _progress(work.requests if isinstance(work, ChatTrace) else len(work), label) if progress else None
+    chat = isinstance(work, ChatTrace)
+    total = work.requests if chat else len(work)
+    bar = _progress(total, label) if progress else None
     jobs: asyncio.Queue = asyncio.Queue()
-    for job in range(work.sessions) if isinstance(work, ChatTrace) else work:
+    for job in ([(s, 0) for s in range(work.sessions)] if chat else work):
         jobs.put_nowait(job)
+    for _ in range(concurrency if total == 0 else 0):
+        jobs.put_nowait(_END_OF_WORK)
 
     async def worker(client: httpx.AsyncClient) -> None:
-        while not jobs.empty():
-            job = jobs.get_nowait()
-            if isinstance(work, ChatTrace):
-                for turn in range(work.turns):  # one session, turn after turn
-                    call = work.call(job, turn)
-                    reply = await send(client, base_url, call, headers)
-                    reply.session = job
-                    if reply.ok:
-                        work.answered(call, reply.text)
-                    replies.append(reply)
-                    bar and bar.update()
+        while (job := await jobs.get()) is not _END_OF_WORK:
+            if chat:
+                session, turn = job
+                call = work.call(session, turn)
+                reply = await send(client, base_url, call, headers)
+                reply.session = session
+                if reply.ok:
+                    work.answered(call, reply.text)
+                if turn + 1 < work.turns:
+                    jobs.put_nowait((session, turn + 1))
             else:
-                replies.append(await send(client, base_url, job, headers))
-                bar and bar.update()
+                reply = await send(client, base_url, job, headers)
+            replies.append(reply)
+            bar and bar.update()
+            if len(replies) == total:
+                for _ in range(concurrency):
+                    jobs.put_nowait(_END_OF_WORK)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=300, limits=limits, transport=transport) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         duration = time.perf_counter() - start

@@ -56,3 +56,39 @@ def test_bare_vllm_gets_the_same_engine_arguments():
     assert args[1:3] == ["--served-model-name", "tiny-mistral"]
     assert "--enable-prefix-caching" in args and "--enforce-eager" in args
     assert args[args.index("--max-model-len") + 1] == "2048"
+
+
+def test_drive_interleaves_chat_sessions_and_sends_each_turn_after_its_answer():
+    import asyncio
+    import itertools
+
+    import httpx
+
+    from mistral_ray.bench.load import drive
+
+    sent = []
+    counter = itertools.count()
+
+    async def app(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append((body["user"], len(body["messages"])))
+        answer = f"answer-{next(counter)}"
+        chunk = json.dumps({"choices": [{"delta": {"content": answer}}]})
+        return httpx.Response(200, text=f"data: {chunk}\n\ndata: [DONE]\n\n", headers={"x-mistral-ray-replica": "r"})
+
+    trace = ChatTrace("m", sessions=3, turns=2, seed=0)
+    replies, _ = asyncio.run(drive("http://test", trace, 1, progress=False, transport=httpx.MockTransport(app)))
+    assert len(replies) == 6 and all(r.ok for r in replies)
+    # One at a time: every session's first turn, then the second turns (users interleave), each resending
+    # its own conversation with the answer it got.
+    assert sent == [("session-0", 2), ("session-1", 2), ("session-2", 2),
+                    ("session-0", 4), ("session-1", 4), ("session-2", 4)]
+    assert trace.histories[1][2] == {"role": "assistant", "content": "answer-1"}
+    assert [r.session for r in replies] == [0, 1, 2, 0, 1, 2]
+    # Random prompts and an empty list finish too, at any concurrency.
+    calls = random_prompts("m", 5, 4, 2, 900, seed=0)
+    for body in (c.body for c in calls):
+        body["user"], body["messages"] = "x", []
+    assert len(asyncio.run(drive("http://test", calls, 3, progress=False,
+                                 transport=httpx.MockTransport(app)))[0]) == 5
+    assert asyncio.run(drive("http://test", [], 2, progress=False))[0] == []
