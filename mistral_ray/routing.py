@@ -138,6 +138,10 @@ class Policy:
         self.rng = rng or random.Random()
 
     def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
+        return self._by_load(loads)
+
+    def _by_load(self, loads: list[Load]) -> list[list[str]]:
+        """The pow2 order, as ranks: what every policy falls back to."""
         return self._ranks(self._pow2(loads))
 
     @staticmethod
@@ -166,7 +170,7 @@ class Policy:
     def _prefer(self, favourite: Load, loads: list[Load]) -> list[list[str]]:
         """The favourite alone first; if Serve finds it full, the pow2 choice among the others."""
         others = [l for l in loads if l.replica != favourite.replica]
-        return [[favourite.replica]] + self._ranks(self._pow2(others))
+        return [[favourite.replica]] + self._by_load(others)
 
 
 class PrefixAffinity(Policy):
@@ -181,14 +185,14 @@ class PrefixAffinity(Policy):
         # following that would pile every new conversation onto the replica that cached it first, as long as
         # the load gap stays under `imbalance` (seen at concurrency 8: 128 of 128 requests on one replica).
         if hint is None or not hint.prefix or not hint.follow_up or not loads:
-            return self._ranks(self._pow2(loads))
+            return self._by_load(loads)
         scored = [(self.index.match(l.replica, hint.prefix), l) for l in loads]
         best_match = max(m for m, _ in scored)
         if best_match == 0:
-            return self._ranks(self._pow2(loads))  # nothing cached anywhere: spread new prefixes by load
+            return self._by_load(loads)  # nothing cached anywhere: spread new prefixes by load
         holders = [l for m, l in scored if m == best_match and not self._overloaded(l, loads)]
         if not holders:
-            return self._ranks(self._pow2(loads))
+            return self._by_load(loads)
         return self._prefer(min(holders, key=lambda l: (l.ongoing, l.kv_usage)), loads)
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
@@ -212,7 +216,7 @@ class Session(Policy):
         for load in loads:
             if load.replica == home and not self._overloaded(load, loads):
                 return self._prefer(load, loads)
-        return self._ranks(self._pow2(loads))
+        return self._by_load(loads)
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
         if hint is None or not hint.session:
