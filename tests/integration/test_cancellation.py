@@ -9,11 +9,13 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def running_requests(app) -> float:
-    """vLLM's running requests summed over replicas (-1 until the gauge is first exported)."""
+def running_requests(app, model: str) -> float:
+    """vLLM's running requests summed over the model's replicas (-1 until the gauge is first exported).
+    Only this model's series: other tests' apps (autoscaling's, scaled to zero) leave series of their own."""
     port = app.deployment.service.observability.metrics_export_port
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    values = re.findall(r"^ray_vllm_num_requests_running\{[^}]*\} ([0-9.e+-]+)$", text, re.M)
+    values = re.findall(r'^ray_vllm_num_requests_running\{[^}]*model_name="' + re.escape(model)
+                        + r'"[^}]*\} ([0-9.e+-]+)$', text, re.M)
     return sum(float(v) for v in values) if values else -1
 
 
@@ -41,11 +43,11 @@ def test_disconnect_aborts_generation(app, base_url, model_name):
         for _, _, lines in streams:
             for _ in range(20):
                 assert next(lines) != "data: [DONE]"
-        seen_running = max(seen_running, running_requests(app))
+        seen_running = max(seen_running, running_requests(app, model_name))
     assert seen_running >= 3, f"the engines showed {seen_running} running requests, expected 3"
     started = time.monotonic()
     for client, response, _ in streams:
         response.close()
         client.close()
-    assert wait_for(lambda: running_requests(app) == 0, 15), "requests kept running after the clients left"
+    assert wait_for(lambda: running_requests(app, model_name) == 0, 15), "requests kept running after the clients left"
     print(f"\nengine running requests back to 0 in {time.monotonic() - started:.1f}s after disconnect")
