@@ -1,4 +1,9 @@
-"""The Serve application builder: `import_path: mistral_ray.app:build_app` in every deployment file."""
+"""The Serve application builder: `import_path: mistral_ray.app:build_app` in every deployment file.
+
+With HAProxy (the Ray cluster's environment, see options.cluster_env): the LLM deployment is the ingress,
+and the ingress router is attached for HAProxy to ask. Without: the LLM deployment is the ingress behind
+Serve's Python proxy, which runs our request router itself.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,26 @@ from typing import Any
 
 from ray.serve import Application
 
-from mistral_ray import replica
 from mistral_ray.config import ServiceConfig, parse_service
-from mistral_ray.router import app as router
+from mistral_ray.routing import ingress
+from mistral_ray.server import quota, replica
+
+
+def haproxy_enabled() -> bool:
+    """Whether this process's Serve runs HAProxy (read once at import, as every Ray process does)."""
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+
+    return RAY_SERVE_ENABLE_HA_PROXY
 
 
 def build(cfg: ServiceConfig) -> Application:
     # The model is made available by each replica on its own node (see replica.start_vllm), not here:
     # on a cluster the builder runs on the head, which hosts no engine.
-    llm = replica.deployment(cfg).bind(cfg)
-    return router.deployment(cfg).bind(llm, cfg)
+    bank = quota.deployment(cfg).bind(cfg.router.limits) if cfg.router.limits.rate_limited else None
+    llm = replica.deployment(cfg).bind(cfg, bank)
+    if haproxy_enabled():
+        return llm._with_ingress_request_router(ingress.deployment(cfg).bind(llm, cfg))
+    return llm
 
 
 def build_app(args: dict[str, Any]) -> Application:

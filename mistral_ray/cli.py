@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import signal
 import sys
 import threading
@@ -37,6 +38,15 @@ def _run(args: argparse.Namespace) -> int:
         print("mistral-ray: interrupted, shutting down ...", flush=True)
     finally:
         launcher.stop()
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from mistral_ray.options import cluster_env
+
+    dep = load_deployment(args.config)
+    for key, value in cluster_env(dep.service).items():
+        print(f"export {key}={shlex.quote(value)}")
     return 0
 
 
@@ -74,12 +84,14 @@ def _bench(args: argparse.Namespace) -> int:
                 seed=args.seed, sessions=args.sessions, turns=args.turns, system_prompts=args.system_prompts,
                 system_words=args.system_words, user_words=args.user_words)
     results = []
-    for spec in specs:
-        print(f"bench: starting {spec} (logs in {workdir}) ...", flush=True)
+    for i, spec in enumerate(specs):
+        # A target measured twice (bare vLLM before and after the others) is two lines, not one.
+        label = spec if spec not in specs[:i] else f"{spec}#{specs[:i].count(spec) + 1}"
+        print(f"bench: starting {label} (logs in {workdir}) ...", flush=True)
         try:
-            target = targets.start(spec, workdir, replicas=args.replicas)
+            target = targets.start(spec, workdir, replicas=args.replicas, label=label)
         except (RuntimeError, ValueError) as exc:  # one target that cannot start does not void the others
-            print(f"bench: skipping {spec}: {exc}", file=sys.stderr, flush=True)
+            print(f"bench: skipping {label}: {exc}", file=sys.stderr, flush=True)
             continue
         if args.metrics_url and "=" in spec:
             target.metrics_url = args.metrics_url
@@ -87,7 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
             for workload in args.workload:
                 results += bench.run_target(target, args.model, workload, args.concurrency,
                                             progress=not args.no_progress, **opts)
-                print(bench.table([r for r in results if r.target == spec]), flush=True)
+                print(bench.table([r for r in results if r.target == label]), flush=True)
                 if out:  # after every target, so an interrupted comparison keeps what it measured
                     out.mkdir(parents=True, exist_ok=True)
                     (out / "results.json").write_text(bench.to_json(results))
@@ -108,10 +120,10 @@ def _monitor(args: argparse.Namespace) -> int:
     from mistral_ray import monitoring
 
     dep = load_deployment(args.config)
-    proc = monitoring.start_prometheus(dep.service.observability.metrics_export_port, port=args.port)
-    print(f"prometheus: http://127.0.0.1:{args.port} (scraping Ray's metrics on port "
-          f"{dep.service.observability.metrics_export_port}; rules {monitoring.RULES}); Ctrl-C stops it",
-          flush=True)
+    obs = dep.service.observability
+    proc = monitoring.start_prometheus(obs.metrics_export_port, obs.haproxy_metrics_port, port=args.port)
+    print(f"prometheus: http://127.0.0.1:{args.port} (scraping Ray's metrics on port {obs.metrics_export_port} "
+          f"and HAProxy's on {obs.haproxy_metrics_port}; rules {monitoring.RULES}); Ctrl-C stops it", flush=True)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -178,6 +190,10 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("dir")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(func=_tiny)
+    env = sub.add_parser("env", help="the Ray cluster environment a deployment file's data plane needs, as "
+                         "shell exports (for `ray start` / `serve run`; `mistral-ray run` sets it itself)")
+    env.add_argument("config")
+    env.set_defaults(func=_env)
     check = sub.add_parser("check", help="validate a deployment file")
     check.add_argument("config")
     check.set_defaults(func=_check)
@@ -215,7 +231,8 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("url", nargs="?", help="a running server's root, e.g. http://127.0.0.1:8000")
     b.add_argument("--targets", nargs="+", metavar="SPEC", help="servers to start and compare, one after the "
-                   "other: ours:<pow2|prefix_affinity|session>[:<replicas>], vllm, ray-serve-llm, label=url")
+                   "other: ours:<pow2|prefix_affinity|session>[:<replicas>], vllm, ray-serve-llm[:<replicas>], "
+                   "ray-serve-llm:direct, label=url")
     b.add_argument("--replicas", type=int, default=2, help="replicas for ours/ray-serve-llm targets")
     b.add_argument("--workload", nargs="+", choices=["random", "chat"], default=["random"],
                    help="random: independent prompts; chat: multi-turn sessions with shared system prompts")

@@ -2,8 +2,8 @@
 
 A deployment file under `deployments/` is a plain Ray Serve config file (`serve run` / `serve deploy` /
 a RayService's `serveConfigV2` take it as is); the application's `args` are a `ServiceConfig`. Everything
-else (Serve deployment options, vLLM engine arguments, replica environment) is derived from it here so
-that local runs and clusters cannot disagree.
+else (Serve deployment options, vLLM arguments, the replicas' and the Ray cluster's environment) is derived
+from it in `mistral_ray/options.py`, so that local runs and clusters cannot disagree.
 """
 
 from __future__ import annotations
@@ -19,13 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Relative paths in a config (model dirs, state) are taken from here, not from the process cwd: Serve
 # builds applications in worker processes whose cwd is not the user's.
 STATE_DIR = PROJECT_ROOT / ".state"
-
 APP_IMPORT_PATH = "mistral_ray.app:build_app"
-LLM_DEPLOYMENT = "LLMServer"
-ROUTER_DEPLOYMENT = "Router"
-# Serve imports these by path on the controller and in every handle.
-REQUEST_ROUTER = "mistral_ray.router.request_router:LLMRequestRouter"
-AUTOSCALING_POLICY = "mistral_ray.autoscaling:LLMAutoscalingPolicy"
 
 
 class ConfigError(ValueError):
@@ -82,8 +76,30 @@ class EngineConfig(_Strict):
     seed: int = Field(0, description="Engine seed; requests with their own `seed` stay reproducible.")
     cpu_threads: Optional[int] = Field(
         None, ge=1, description="Threads of a CPU engine's forward pass (OMP_NUM_THREADS); null: Ray's choice, "
-        "the replica's reserved CPUs (at least 1). On a 2-core machine that also runs the router and proxy, 1 "
-        "beats 2: spinning OpenMP threads starve the serving processes (measured: ITL 11.6 vs 18.5 ms at c=1)."
+        "the replica's reserved CPUs (at least 1). On a 2-core machine that also runs the proxy, 1 beats 2: "
+        "spinning OpenMP threads starve the serving processes (measured: ITL 11.6 vs 18.5 ms at c=1)."
+    )
+    # vLLM's OpenAI serving options (`vllm serve` flags of the same names).
+    tokenizer_mode: Literal["auto", "hf", "slow", "mistral"] = Field(
+        "auto", description="`mistral` for checkpoints in Mistral's own format (with config_format and "
+        "load_format `mistral`); HF-format checkpoints such as Mistral-7B-Instruct-v0.1 use `auto`."
+    )
+    config_format: Literal["auto", "hf", "mistral"] = Field("auto", description="vLLM --config-format.")
+    load_format: str = Field("auto", min_length=1, description="vLLM --load-format (`mistral` for consolidated weights).")
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template (file path or the template itself); null: the tokenizer's."
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description="Let the model decide to call tools (`tool_choice: auto`); needs tool_call_parser. "
+        "A request naming a function in `tool_choice` works without it (structured output forces the call)."
+    )
+    tool_call_parser: Optional[str] = Field(
+        None, description="How tool calls are read from the model's text: `mistral` for Mistral's "
+        "[TOOL_CALLS] format (vLLM's parser names: mistral, hermes, llama3_json, ...)."
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other `vllm serve` option, by its argument name (`--max-loras` "
+        "is `max_loras`); an unknown name fails the replica's start naming it."
     )
 
 
@@ -92,11 +108,14 @@ class ScalingConfig(_Strict):
     max_replicas: int = Field(1, ge=1, description="Most LLM replicas.")
     initial_replicas: Optional[int] = Field(None, ge=0, description="Replicas at start; default min.")
     replica_cpus: float = Field(
-        0.5, ge=0, description="Ray CPUs reserved per LLM replica. The CPU default fits a router and "
-        "two replicas on a 2-core machine; the engine's threads are not limited by it."
+        0.5, ge=0, description="Ray CPUs reserved per LLM replica. The CPU default fits two replicas on a "
+        "2-core machine; the engine's threads are not limited by it."
     )
     replica_gpus: float = Field(0, ge=0, description="Ray GPUs reserved per LLM replica.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve sends one replica at once.")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one replica holds at once (running in its engine's batch or waiting "
+        "in the engine's queue); more get 503 with Retry-After, so memory stays bounded."
+    )
     target_ongoing_requests: float = Field(
         16, gt=0, description="Queued + running requests per replica the autoscaler aims at (when min < max)."
     )
@@ -115,6 +134,10 @@ class ScalingConfig(_Strict):
         "to finish the ones it has (Serve's graceful shutdown)."
     )
     metrics_interval_s: float = Field(2, gt=0, description="How often replicas push their stats to Serve.")
+    health_check_period_s: float = Field(10, gt=0, description="How often Serve checks each replica's engine.")
+    health_check_timeout_s: float = Field(
+        30, gt=0, description="A replica whose engine does not answer a health check within this is replaced."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "ScalingConfig":
@@ -128,8 +151,8 @@ class ScalingConfig(_Strict):
 
 class ApiKeysConfig(_Strict):
     enabled: bool = Field(
-        False, description="Require `Authorization: Bearer <key>` on /v1 routes. Off in the local default; "
-        "on in every Kubernetes overlay (`mistral-ray k8s serve-config` turns it on)."
+        False, description="Require `Authorization: Bearer <key>` on every route but /health and /ready. Off "
+        "in the local default; on in every Kubernetes overlay (`mistral-ray k8s serve-config` turns it on)."
     )
     file: str = Field(
         "/etc/mistral-ray/api-keys/keys",
@@ -141,7 +164,7 @@ class ApiKeysConfig(_Strict):
     )
 
     def read_entries(self) -> list[str]:
-        """The raw `<id>:<key>` entries from the file and the environment (read once, at router start)."""
+        """The raw `<id>:<key>` entries from the file and the environment (read once, at replica start)."""
         entries = []
         path = Path(self.file)
         if path.exists():
@@ -152,7 +175,7 @@ class ApiKeysConfig(_Strict):
 
 
 class RoutingConfig(_Strict):
-    """Which LLM replica gets a request (see mistral_ray/routing.py)."""
+    """Which LLM replica gets a request (see mistral_ray/routing/policies.py)."""
 
     policy: Literal["pow2", "prefix_affinity", "session"] = Field(
         "pow2", description="pow2: the less loaded of two random replicas. prefix_affinity: the replica "
@@ -171,6 +194,7 @@ class RoutingConfig(_Strict):
     index_blocks: int = Field(
         65536, ge=1, description="Prefix blocks remembered per replica (least recently used are forgotten)."
     )
+    max_sessions: int = Field(100_000, ge=1, description="Sessions the session policy remembers (LRU).")
     session_header: str = Field(
         "x-session-id", min_length=1, description="Header naming the session (else the body's `user` field)."
     )
@@ -178,10 +202,14 @@ class RoutingConfig(_Strict):
         4.0, gt=0, description="Prompt characters per token, for KV accounting before the engine tokenizes."
     )
     stats_period_s: float = Field(0.5, gt=0, description="How often Serve reads each replica's load.")
+    route_body_bytes: int = Field(
+        65536, ge=1024, description="How much of a request body HAProxy hands the ingress router (prefix_affinity "
+        "and the session policy's `user` field need it; pow2 gets none). A longer body is routed by load."
+    )
 
 
 class LimitsConfig(_Strict):
-    """What one request may ask for, and how fast one API key may ask (see router/limits.py)."""
+    """What one request may ask for, and how fast one API key may ask (see server/limits.py)."""
 
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body; more gets 413.")
     max_prompt_tokens: Optional[int] = Field(
@@ -193,40 +221,52 @@ class LimitsConfig(_Strict):
     )
     max_n: int = Field(8, ge=1, description="Most choices (`n`) per request (400 beyond).")
     requests_per_minute: Optional[int] = Field(
-        None, ge=1, description="Per API key (or for everyone when keys are off), per router replica; "
-        "429 with Retry-After beyond. null: no limit."
+        None, ge=1, description="Per API key (or for everyone when keys are off), for the whole application "
+        "(one QuotaBank replica holds every key's buckets); 429 with Retry-After beyond. null: no limit."
     )
     tokens_per_minute: Optional[int] = Field(
-        None, ge=1, description="Prompt (estimated) + requested completion tokens per minute, per key and "
-        "router replica; 429 with Retry-After beyond. null: no limit."
+        None, ge=1, description="Prompt (estimated) + requested completion tokens per minute, per key, for "
+        "the whole application; 429 with Retry-After beyond. null: no limit."
     )
+    max_keys: int = Field(100_000, ge=1, description="Keys whose buckets are kept (least recently seen go).")
+
+    @property
+    def rate_limited(self) -> bool:
+        return bool(self.requests_per_minute or self.tokens_per_minute)
 
 
 class RouterConfig(_Strict):
-    num_cpus: float = Field(0.1, ge=0, description="Ray CPUs reserved per router replica.")
-    min_replicas: int = Field(1, ge=1, description="Fewest router replicas.")
-    max_replicas: int = Field(1, ge=1, description="Most router replicas.")
-    target_ongoing_requests: float = Field(
-        256, gt=0, description="In-flight requests per router replica Serve's autoscaler aims at (min < max)."
+    """The front door: HAProxy, the ingress router it asks once per request, and the checks every replica
+    runs before its engine (keys, sizes, rate, timeouts)."""
+
+    haproxy: bool = Field(
+        True, description="Serve through Ray's HAProxy data plane (tokens go replica -> HAProxy -> client). "
+        "A property of the Ray cluster's environment: `mistral-ray run` and the Kubernetes overlays set it "
+        "(`mistral-ray env FILE` prints it for `serve run`); off, Serve's Python proxy relays every token."
     )
-    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one router replica holds.")
-    max_queued_requests: int = Field(
-        256, ge=1, description="Requests one router replica lets wait for an LLM replica (none ready yet, all "
-        "busy); more get 503 with Retry-After, so memory stays bounded."
+    haproxy_threads: int = Field(2, ge=1, description="HAProxy worker threads per node (Ray's default is 4).")
+    retries: int = Field(
+        1, ge=0, description="How often HAProxy sends a request again, to another replica, when the replica "
+        "it picked refused the connection or closed it without answering (a lost replica)."
+    )
+    num_cpus: float = Field(0, ge=0, description="Ray CPUs reserved per ingress router replica (one per node).")
+    route_timeout_s: int = Field(
+        15, ge=1, description="How long HAProxy waits for the ingress router's pick (and for a client's body, when "
+        "the policy needs it) before it answers 503 itself. A burst on a busy machine can delay the router by "
+        "seconds (Ray's default, 5 s, was exceeded by an 800-request burst on 2 cores)."
+    )
+    deregister_s: float = Field(
+        3, ge=0, description="A replica being stopped keeps answering this long before it closes its port, so "
+        "every HAProxy has dropped it (HAProxy sends a refused connection elsewhere, so a few seconds do)."
     )
     request_timeout_s: float = Field(
-        120, gt=0, description="Longest wait for a replica's answer (first token when streaming) before 504."
+        120, gt=0, description="Longest wait for a replica's answer (the whole answer when not streaming, the "
+        "first token when streaming; also the wait for a replica at scale from zero) before 504."
     )
-    ready_timeout_s: float = Field(5.0, gt=0, description="How long /ready waits on a replica.")
+    ready_timeout_s: float = Field(5.0, gt=0, description="How long /ready waits on the engine.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "RouterConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
-        return self
 
 
 class ObservabilityConfig(_Strict):
@@ -234,12 +274,14 @@ class ObservabilityConfig(_Strict):
         True, description="Export vLLM's engine metrics (TTFT, KV usage, queue, ...) through Ray's metrics "
         "pipeline, tagged with the Serve replica id, so a scrape of each Ray node's metrics port sees them."
     )
-    router_metrics: bool = Field(
-        True, description="Record our request metrics (mistral_ray_router_* in the router, "
-        "mistral_ray_tokens_total in the replicas)."
+    request_metrics: bool = Field(
+        True, description="Record our request metrics (mistral_ray_* in the replicas and the ingress router)."
     )
     metrics_export_port: int = Field(
         8080, ge=1, le=65535, description="Ray's per-node Prometheus export port (KubeRay's default)."
+    )
+    haproxy_metrics_port: int = Field(
+        9101, ge=1, le=65535, description="HAProxy's own Prometheus exporter on each node (Ray's default port)."
     )
     metrics_report_interval_ms: int = Field(
         5000, ge=100, description="How often Ray processes push metrics to the node's exporter."
@@ -247,7 +289,7 @@ class ObservabilityConfig(_Strict):
 
 
 class ServiceConfig(_Strict):
-    """One served model: what it is, how its engines run, how many replicas, how the router behaves."""
+    """One served model: what it is, how its engines run, how many replicas, how requests reach them."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -264,100 +306,9 @@ class ServiceConfig(_Strict):
             )
         if self.engine.device == "cpu" and self.scaling.replica_gpus:
             raise ValueError("scaling.replica_gpus must be 0 on device cpu")
+        if self.engine.enable_auto_tool_choice and not self.engine.tool_call_parser:
+            raise ValueError("engine.enable_auto_tool_choice needs engine.tool_call_parser")
         return self
-
-    # --- derived options: the only translation from our config to Ray Serve and vLLM ----------------
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for vLLM's `AsyncEngineArgs`."""
-        e = self.engine
-        kwargs: dict[str, Any] = dict(
-            model=self.model.resolved_source(),
-            served_model_name=[self.model.name],
-            revision=self.model.revision,
-            dtype=e.dtype,
-            max_model_len=e.max_model_len,
-            max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens,
-            enable_prefix_caching=e.enable_prefix_caching,
-            tensor_parallel_size=e.tensor_parallel_size,
-            enforce_eager=e.enforce_eager,
-            seed=e.seed,
-        )
-        if e.device == "cuda":
-            kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
-        return {k: v for k, v in kwargs.items() if v is not None}
-
-    def replica_env(self) -> dict[str, str]:
-        """Environment of each LLM replica process (read by vLLM at import)."""
-        env = {"VLLM_CACHE_ROOT": str(STATE_DIR / "vllm-cache"), "TOKENIZERS_PARALLELISM": "false"}
-        if self.engine.device == "cpu":
-            env["VLLM_TARGET_DEVICE"] = "cpu"
-            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.engine.cpu_kvcache_space_gib:g}"
-            # Replicas share the machine's cores; pinning OMP threads to the same cores would serialize them.
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        return env
-
-    def llm_deployment_options(self) -> dict[str, Any]:
-        s = self.scaling
-        opts: dict[str, Any] = dict(
-            name=LLM_DEPLOYMENT,
-            max_ongoing_requests=s.max_ongoing_requests,
-            ray_actor_options=dict(
-                num_cpus=s.replica_cpus,
-                num_gpus=s.replica_gpus,
-                runtime_env={"env_vars": self.replica_env()},
-            ),
-            health_check_period_s=10,
-            health_check_timeout_s=30,
-            graceful_shutdown_timeout_s=s.drain_timeout_s,
-            graceful_shutdown_wait_loop_s=1,
-            request_router_config=dict(
-                request_router_class=REQUEST_ROUTER,
-                request_router_kwargs=self.router.routing.model_dump(),
-                request_routing_stats_period_s=self.router.routing.stats_period_s,
-                request_routing_stats_timeout_s=max(1.0, self.router.routing.stats_period_s),
-            ),
-        )
-        if s.min_replicas == s.max_replicas:
-            opts["num_replicas"] = s.min_replicas
-        else:
-            opts["autoscaling_config"] = dict(
-                min_replicas=s.min_replicas,
-                max_replicas=s.max_replicas,
-                initial_replicas=s.initial_replicas,
-                upscale_delay_s=s.upscale_delay_s,
-                downscale_delay_s=s.downscale_delay_s,
-                downscale_to_zero_delay_s=s.downscale_to_zero_delay_s,
-                look_back_period_s=s.look_back_period_s,
-                metrics_interval_s=s.metrics_interval_s,
-                policy=dict(
-                    policy_function=AUTOSCALING_POLICY,
-                    policy_kwargs=dict(
-                        target_ongoing_requests=s.target_ongoing_requests, target_kv_usage=s.target_kv_usage
-                    ),
-                ),
-            )
-        return opts
-
-    def router_deployment_options(self) -> dict[str, Any]:
-        r = self.router
-        opts: dict[str, Any] = dict(
-            name=ROUTER_DEPLOYMENT,
-            max_ongoing_requests=r.max_ongoing_requests,
-            ray_actor_options=dict(num_cpus=r.num_cpus),
-            # The router drains with its replicas: a stream it relays must outlive the replica's drain.
-            graceful_shutdown_timeout_s=self.scaling.drain_timeout_s + 5,
-            graceful_shutdown_wait_loop_s=1,
-        )
-        if r.min_replicas == r.max_replicas:
-            opts["num_replicas"] = r.min_replicas
-        else:
-            opts["autoscaling_config"] = dict(
-                min_replicas=r.min_replicas,
-                max_replicas=r.max_replicas,
-                target_ongoing_requests=r.target_ongoing_requests,
-            )
-        return opts
 
 
 class HttpOptions(BaseModel):

@@ -1,5 +1,6 @@
-"""From a deployment file to the RayService's `serveConfigV2`: the one translation, so that local runs
-and clusters serve the same application (a test fails if k8s/overlays/*/serve-config.yaml drift)."""
+"""From a deployment file to the RayService: its `serveConfigV2` and the data plane's environment of every
+Ray pod (HAProxy, direct ingress), the one translation, so that local runs and clusters serve the same
+application (a test fails if k8s/overlays/*/serve-config.yaml or data-plane.env drift)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import yaml
 
 from mistral_ray.config import APP_IMPORT_PATH, PROJECT_ROOT, DeploymentFile, load_deployment
+from mistral_ray.options import cluster_env
 
 # Which deployment file each overlay serves.
 OVERLAYS = {
@@ -40,15 +42,26 @@ def serve_config_yaml(deployment_file: str) -> str:
     return header + yaml.safe_dump(serve_config(dep), sort_keys=False)
 
 
-def overlay_file(overlay: str):
-    return PROJECT_ROOT / "k8s" / "overlays" / overlay / "serve-config.yaml"
+def data_plane_env(deployment_file: str) -> str:
+    """The Ray pods' environment (an env file for the overlay's `mistral-ray-data-plane` ConfigMap, which
+    head and workers load with envFrom): every Ray process reads it at start."""
+    env = cluster_env(load_deployment(PROJECT_ROOT / deployment_file).service)
+    header = (f"# Generated from {deployment_file} by `mistral-ray k8s serve-config --write`; a test fails on "
+              "drift.\n")
+    return header + "".join(f"{key}={value}\n" for key, value in env.items())
+
+
+def overlay_file(overlay: str, name: str = "serve-config.yaml"):
+    return PROJECT_ROOT / "k8s" / "overlays" / overlay / name
 
 
 def write_overlays() -> list:
     written = []
     for overlay, deployment_file in OVERLAYS.items():
-        path = overlay_file(overlay)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(serve_config_yaml(deployment_file))
-        written.append(path)
+        for name, text in (("serve-config.yaml", serve_config_yaml(deployment_file)),
+                           ("data-plane.env", data_plane_env(deployment_file))):
+            path = overlay_file(overlay, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            written.append(path)
     return written

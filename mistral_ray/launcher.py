@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import httpx
 
 from mistral_ray.config import DeploymentFile
+from mistral_ray.options import cluster_env
 
 
 @dataclass
@@ -30,12 +33,17 @@ def wait_ready(base_url: str, timeout_s: float) -> None:
             last = f"{r.status_code} {r.text[:200]}"
         except httpx.HTTPError as exc:
             last = repr(exc)
-        time.sleep(1)
+        time.sleep(0.5)
     raise TimeoutError(f"{base_url}/ready did not answer 200 within {timeout_s:.0f}s (last: {last})")
 
 
-def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float = 300) -> Running:
-    """Start Ray (local, owned by this process), Serve's proxy and the app; return once it can answer."""
+def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float = 600,
+          env: Optional[dict[str, str]] = None) -> Running:
+    """Start Ray (local, owned by this process) with the data plane's environment, Serve and the app;
+    return once it answers. `env`: the cluster environment to use instead of the config's (tests add
+    per-machine ports)."""
+    # Before Ray starts and before this process imports Serve: every Ray process reads these at import.
+    os.environ.update(cluster_env(dep.service) if env is None else env)
     import ray
     from ray import serve
 

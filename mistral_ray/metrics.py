@@ -1,9 +1,10 @@
 """Every metric mistral-ray itself records, declared once: name, type, labels and buckets.
 
-They go through Ray's metrics pipeline (`ray.util.metrics`), so each Ray node's metrics export port —
-what KubeRay's PodMonitor scrapes — serves them beside Ray Serve's and vLLM's. Ray prefixes every name with
-`ray_` on export: `mistral_ray_router_requests_total` is scraped as `ray_mistral_ray_router_requests_total`.
-The engine's own metrics are vLLM's (`vllm:*`, exported as `ray_vllm_*`); see docs/metrics.md.
+They go through Ray's metrics pipeline (`ray.util.metrics`), so each Ray node's metrics export port — what
+KubeRay's PodMonitor scrapes — serves them beside Ray Serve's and vLLM's. Ray prefixes every name with
+`ray_` on export: `mistral_ray_requests_total` is scraped as `ray_mistral_ray_requests_total`. The engine's
+own metrics are vLLM's (`vllm:*`, exported as `ray_vllm_*`); HAProxy's come from its own exporter
+(`haproxy_*`); see docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from ray.util import metrics
 # (5 ms .. 10 s) would put every long request in +Inf.
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
+ROUTE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]
 
 REJECT_REASONS = (
-    "validation", "too_large", "model_not_found", "no_replica", "auth", "rate_limit", "overload", "timeout"
+    "validation", "too_large", "model_not_found", "auth", "rate_limit", "overload", "timeout", "not_ready"
 )
 
 
@@ -32,37 +34,37 @@ def _declare(enabled: bool, kind, name: str, description: str, tags: tuple[str, 
     return kind(name, description=description, tag_keys=tags, **kwargs) if enabled else _Off()
 
 
-class RouterMetrics:
-    """The router's view: what clients asked for and what they experienced."""
+class RequestMetrics:
+    """What clients asked a replica for and what they experienced, recorded by the replica's gate."""
 
     def __init__(self, model: str, enabled: bool = True):
         self.model = model
         self.requests = _declare(
-            enabled, metrics.Counter, "mistral_ray_router_requests_total",
-            "Requests answered by the router, by route, model, HTTP status and API key id.",
-            ("route", "model", "status", "key_id"),
+            enabled, metrics.Counter, "mistral_ray_requests_total",
+            "Requests answered, by route, model, HTTP status and API key id.", ("route", "model", "status", "key_id"),
         )
         self.in_flight = _declare(
-            enabled, metrics.Gauge, "mistral_ray_router_requests_in_flight",
-            "Requests the router is handling now (accepted, not yet finished).", ("route", "model"),
+            enabled, metrics.Gauge, "mistral_ray_requests_in_flight",
+            "Requests a replica is handling now (admitted, not yet finished).", ("route", "model"),
         )
         self.ttft = _declare(
-            enabled, metrics.Histogram, "mistral_ray_router_time_to_first_token_seconds",
-            "From request received to the first body byte sent (the first token for streams).",
+            enabled, metrics.Histogram, "mistral_ray_time_to_first_token_seconds",
+            "From request received by the replica to the first body byte sent (the first token for streams).",
             ("route", "model", "stream"), boundaries=TTFT_BUCKETS,
         )
         self.e2e = _declare(
-            enabled, metrics.Histogram, "mistral_ray_router_e2e_request_latency_seconds",
-            "From request received to the last byte sent, successful requests.",
+            enabled, metrics.Histogram, "mistral_ray_e2e_request_latency_seconds",
+            "From request received by the replica to the last byte sent, successful requests.",
             ("route", "model", "stream"), boundaries=E2E_BUCKETS,
         )
         self.rejected = _declare(
-            enabled, metrics.Counter, "mistral_ray_router_rejected_requests_total",
-            "Requests refused before reaching an engine, by reason.", ("route", "model", "reason"),
+            enabled, metrics.Counter, "mistral_ray_rejected_requests_total",
+            "Requests refused before reaching the engine, by reason.", ("route", "model", "reason"),
         )
-        self.retries = _declare(
-            enabled, metrics.Counter, "mistral_ray_router_retries_total",
-            "Requests sent again to another replica because theirs died before answering.", ("route", "model"),
+        self.tokens = _declare(
+            enabled, metrics.Counter, "mistral_ray_tokens_total",
+            "Prompt (in) and completion (out) tokens of finished requests, from vLLM's usage.",
+            ("route", "model", "direction"),
         )
         self.max_replicas = _declare(
             enabled, metrics.Gauge, "mistral_ray_config_max_replicas",
@@ -79,37 +81,53 @@ class RouterMetrics:
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
 
-    def finished(self, route: str, status: int, key_id: str = "none") -> None:
+    def finished(self, route: str, status: int | str, key_id: str) -> None:
         n = self._in_flight.get(route, 1) - 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
         self.requests.inc(tags={"route": route, "model": self.model, "status": str(status), "key_id": key_id})
 
     def first_byte(self, route: str, stream: bool, seconds: float) -> None:
-        self.ttft.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
+        self.ttft.observe(seconds, tags={"route": route, "model": self.model, "stream": "true" if stream else "false"})
 
     def completed(self, route: str, stream: bool, seconds: float) -> None:
-        self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": str(stream).lower()})
-
-    def retried(self, route: str) -> None:
-        self.retries.inc(tags={"route": route, "model": self.model})
+        self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": "true" if stream else "false"})
 
     def reject(self, route: str, reason: str) -> None:
         assert reason in REJECT_REASONS, reason
         self.rejected.inc(tags={"route": route, "model": self.model, "reason": reason})
 
-
-class TokenMetrics:
-    """Tokens in and out per request, counted where they are known exactly: the replica, from vLLM's usage."""
-
-    def __init__(self, model: str, enabled: bool = True):
-        self.model = model
-        self.tokens = _declare(
-            enabled, metrics.Counter, "mistral_ray_tokens_total",
-            "Prompt (in) and completion (out) tokens of finished requests, from vLLM's usage.",
-            ("route", "model", "direction"),
-        )
-
-    def count(self, route: str, prompt: int, completion: int) -> None:
+    def count_tokens(self, route: str, prompt: int, completion: int) -> None:
         self.tokens.inc(prompt, tags={"route": route, "model": self.model, "direction": "in"})
         self.tokens.inc(completion, tags={"route": route, "model": self.model, "direction": "out"})
+
+
+class RoutingMetrics:
+    """The routing policy's decisions (recorded by the Serve request router that runs it)."""
+
+    def __init__(self, application: str, policy: str, enabled: bool = True):
+        self.tags = {"application": application, "policy": policy}
+        self.decisions = _declare(
+            enabled, metrics.Counter, "mistral_ray_routing_decisions_total",
+            "Requests placed by the routing policy, by why: load, prefix (a replica holding the prompt's prefix), "
+            "new_prefix (cached nowhere yet), session, overloaded (the favourite was skipped).",
+            ("application", "policy", "decision"),
+        )
+
+    def decided(self, reason: str) -> None:
+        self.decisions.inc(tags={**self.tags, "decision": reason})
+
+
+class RouteLatency:
+    """How long the ingress router takes to answer HAProxy's question (recorded by the ingress router)."""
+
+    def __init__(self, application: str, policy: str, enabled: bool = True):
+        self.tags = {"application": application, "policy": policy}
+        self.latency = _declare(
+            enabled, metrics.Histogram, "mistral_ray_routing_latency_seconds",
+            "Time the ingress router takes to answer HAProxy (read the body, run the policy).",
+            ("application", "policy"), boundaries=ROUTE_BUCKETS,
+        )
+
+    def answered(self, seconds: float) -> None:
+        self.latency.observe(seconds, tags=self.tags)

@@ -16,7 +16,7 @@ from mistral_ray.bench.report import hit_rate, plot, prefix_cache_counters, tabl
 from mistral_ray.bench.targets import Target
 from mistral_ray.bench.workloads import ChatTrace, random_prompts
 
-__all__ = ["DEFAULTS", "Result", "run", "run_target", "table", "to_json", "plot", "ChatTrace"]
+__all__ = ["DEFAULTS", "Result", "run", "run_target", "table", "to_json", "plot", "ChatTrace", "chat_trace"]
 
 # Workload defaults (the CLI shows and takes these). The chat trace is the one the routing acceptance is
 # measured on: 3 turns per conversation (LMSYS-Chat-1M averages 2), short shared system prompts, long user
@@ -25,21 +25,29 @@ DEFAULTS = dict(requests=64, input_len=128, output_len=64, vocab=961, seed=0, se
                 system_prompts=2, system_words=30, user_words=150)
 
 
+def chat_trace(model: str, **overrides) -> ChatTrace:
+    """The chat workload with DEFAULTS for whatever `overrides` leaves out."""
+    opts = {**DEFAULTS, **overrides}
+    return ChatTrace(model, sessions=opts["sessions"], turns=opts["turns"], system_prompts=opts["system_prompts"],
+                     system_words=opts["system_words"], user_words=opts["user_words"],
+                     output_len=opts["output_len"], seed=opts["seed"])
+
+
 def _level(target: Target, workload: str, model: str, concurrency: int, opts: dict, progress: bool) -> Result:
     seed = opts["seed"] + concurrency  # a fresh trace per level: no level reuses another's cached prefixes
     if workload == "chat":
-        work = ChatTrace(model, sessions=max(opts["sessions"], concurrency), turns=opts["turns"],
-                         system_prompts=opts["system_prompts"], system_words=opts["system_words"],
-                         user_words=opts["user_words"], output_len=opts["output_len"], seed=seed)
+        work = chat_trace(model, **{**opts, "sessions": max(opts["sessions"], concurrency), "seed": seed})
     else:
         n = max(opts["requests"], 2 * concurrency)
         work = random_prompts(model, n, opts["input_len"], opts["output_len"], opts["vocab"], seed)
     before = prefix_cache_counters(target.metrics_url)
     replies, duration = asyncio.run(drive(target.base_url, work, concurrency, f"{target.label} c={concurrency}",
-                                          opts.get("headers"), progress))
+                                          target.headers, progress))
     time.sleep(target.metrics_lag_s if before is not None else 0)
     rate = hit_rate(before, prefix_cache_counters(target.metrics_url))
-    return summarize(target.label, workload, concurrency, replies, duration, rate)
+    result = summarize(target.label, workload, concurrency, replies, duration, rate)
+    result.memory_mb = target.memory_mb()
+    return result
 
 
 def run_target(target: Target, model: str, workload: str, concurrencies: list[int], warmup: int = 4,
@@ -48,7 +56,7 @@ def run_target(target: Target, model: str, workload: str, concurrencies: list[in
     opts = {**DEFAULTS, **opts}
     if warmup:
         asyncio.run(drive(target.base_url, random_prompts(model, warmup, 16, 4, opts["vocab"], opts["seed"] - 1),
-                          2, progress=False))
+                          2, headers=target.headers, progress=False))
     return [_level(target, workload, model, c, opts, progress) for c in concurrencies]
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import httpx
 
 from mistral_ray.bench.workloads import Call, ChatTrace
-from mistral_ray.protocol import REPLICA_HEADER
+from mistral_ray.server.errors import REPLICA_HEADER
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _END_OF_WORK = object()
@@ -22,19 +22,28 @@ _END_OF_WORK = object()
 class Reply:
     ok: bool
     ttft: float = 0.0
-    gaps: list[float] = field(default_factory=list)
-    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)  # between SSE events (servers may put several tokens in one)
+    tokens: int = 0  # output tokens, from the server's usage
     text: str = ""
     replica: Optional[str] = None
     error: str = ""
     session: Optional[int] = None  # chat trace: which conversation this turn belongs to
+    e2e: float = 0.0
+
+    @property
+    def tpot(self) -> Optional[float]:
+        """Time per output token after the first: (e2e - TTFT) / (tokens - 1)."""
+        return (self.e2e - self.ttft) / (self.tokens - 1) if self.ok and self.tokens > 1 else None
 
 
 async def send(client: httpx.AsyncClient, base_url: str, call: Call, headers: dict[str, str]) -> Reply:
-    """One streamed request: time to first token, gaps between tokens, the answer text."""
+    """One streamed request: time to first token and to the end, gaps between events, the answer text, and
+    the output tokens the server's usage reports (an SSE event may carry two tokens: vLLM sends a token
+    whose bytes do not end a character together with the next one)."""
     start = time.perf_counter()
     stamps: list[float] = []
     parts: list[str] = []
+    tokens = None
     try:
         async with client.stream("POST", base_url + PATHS[call.route], json=call.body, headers=headers) as r:
             if r.status_code != 200:
@@ -47,15 +56,20 @@ async def send(client: httpx.AsyncClient, base_url: str, call: Call, headers: di
                 event = json.loads(line[6:])
                 if "error" in event:
                     return Reply(False, error=str(event["error"])[:200], replica=replica)
+                if event.get("usage"):
+                    tokens = event["usage"].get("completion_tokens")
                 for choice in event.get("choices") or []:
                     stamps.append(time.perf_counter())
                     parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
     except httpx.HTTPError as exc:
         return Reply(False, error=repr(exc))
+    end = time.perf_counter()
     if not stamps:
         return Reply(False, error="no tokens", replica=replica)
+    if tokens is None:
+        return Reply(False, error="no usage in the stream (stream_options.include_usage)", replica=replica)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return Reply(True, stamps[0] - start, gaps, len(stamps), "".join(parts), replica)
+    return Reply(True, stamps[0] - start, gaps, tokens, "".join(parts), replica, e2e=end - start)
 
 
 def _progress(total: int, label: str):
@@ -133,23 +147,28 @@ class Result:
     ttft_ms_p50: float
     ttft_ms_p95: float
     ttft_ms_p99: float
+    tpot_ms_p50: float
+    tpot_ms_p95: float
     itl_ms_p50: float
     itl_ms_p95: float
     itl_ms_p99: float
     prefix_cache_hit_rate: Optional[float] = None
     per_replica: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
+    memory_mb: Optional[dict[str, float]] = None  # the target's processes after the level: rss, pss
 
 
 def summarize(target: str, workload: str, concurrency: int, replies: list[Reply], duration: float,
               hit_rate: Optional[float] = None) -> Result:
     good = [r for r in replies if r.ok]
     ttfts = [r.ttft for r in good]
+    tpots = [r.tpot for r in good if r.tpot is not None]
     gaps = [g for r in good for g in r.gaps]
     return Result(
         target, workload, concurrency, len(good), len(replies) - len(good), duration, len(good) / duration,
         sum(r.tokens for r in good) / duration,
         1000 * _pct(ttfts, 0.5), 1000 * _pct(ttfts, 0.95), 1000 * _pct(ttfts, 0.99),
+        1000 * _pct(tpots, 0.5), 1000 * _pct(tpots, 0.95),
         1000 * _pct(gaps, 0.5), 1000 * _pct(gaps, 0.95), 1000 * _pct(gaps, 0.99),
         hit_rate, dict(Counter(r.replica for r in good if r.replica)),
         [r.error for r in replies if not r.ok][:3],

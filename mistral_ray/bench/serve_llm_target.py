@@ -2,6 +2,7 @@
 
 `python -m mistral_ray.bench.serve_llm_target <deployment file> <port> <metrics port> <replicas>` serves
 until SIGTERM. The same engine arguments and KV size as our replicas, so only the serving stack differs.
+With RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 (and HAProxy on) in the environment, its direct-streaming mode.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
 
+    from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
+
     from mistral_ray import tiny_model
     from mistral_ray.config import load_deployment
+    from mistral_ray.options import replica_env, vllm_args
 
     cfg = load_deployment(config).service
-    kwargs = cfg.engine_kwargs()
+    kwargs = vllm_args(cfg)
     source = kwargs.pop("model")
     name = kwargs.pop("served_model_name")[0]
     tiny_model.ensure(source)
@@ -32,7 +36,7 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
         placement_group_config={"bundles": [{"CPU": 0.01}]},
         # Its defaults (1 CPU per actor) cannot place two replicas and the ingress on 2 cores.
         deployment_config={"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0}},
-        runtime_env={"env_vars": cfg.replica_env()},
+        runtime_env={"env_vars": replica_env(cfg)},
         log_engine_metrics=True,
     )
     stop = threading.Event()
@@ -42,8 +46,10 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_openai_app({"llm_configs": [llm], "ingress_deployment_config": {
-            "ray_actor_options": {"num_cpus": cfg.router.num_cpus}}})
+        # Direct streaming has no separate ingress deployment (the LLM server is the ingress).
+        ingress = {} if RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING else {
+            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}}
+        app = build_openai_app({"llm_configs": [llm], **ingress})
         serve.run(app, blocking=False)
         print("ray-serve-llm ready", flush=True)
         stop.wait()

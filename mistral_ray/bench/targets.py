@@ -1,8 +1,10 @@
-"""Servers the benchmark starts and compares side by side, each in its own process group on loopback.
+"""Servers the benchmark starts and compares side by side, each in its own session (process group) on
+loopback.
 
-Specs: `ours:<policy>[:<replicas>]` (our stack from deployments/local-cpu.yaml with that routing policy),
-`vllm` (bare `vllm serve` with the same engine arguments), `ray-serve-llm` (ray.serve.llm's
-`build_openai_app` on the same model), or `<label>=<url>` for a server that is already running.
+Specs: `ours:<policy>[:<replicas>]` (our stack from deployments/local-cpu.yaml with that routing policy, API
+keys and metrics on), `vllm` (bare `vllm serve` with the same engine arguments), `ray-serve-llm[:<replicas>]`
+(ray.serve.llm's `build_openai_app` on the same model), `ray-serve-llm:direct` (the same in its fastest mode:
+direct streaming through HAProxy, one replica), or `<label>=<url>` for a server that is already running.
 """
 
 from __future__ import annotations
@@ -13,21 +15,34 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from mistral_ray.config import PROJECT_ROOT, ServiceConfig, load_deployment
+from mistral_ray.options import replica_env, vllm_args
 
 LOCAL_CPU = PROJECT_ROOT / "deployments" / "local-cpu.yaml"
+BENCH_KEY = "sk-bench-0000000000000000"  # the API key `ours` targets require and every target is sent
+# ray.serve.llm's fastest mode, as its docs and the Ray release notes name it.
+DIRECT_STREAMING_ENV = {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _local_ports() -> dict[str, str]:
+    """HAProxy's and Serve's fallback ports for a cluster the bench starts: free ones, so a `make run` or
+    a test cluster on the same machine is not in the way."""
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
 
 
 @dataclass
@@ -37,6 +52,25 @@ class Target:
     metrics_url: Optional[str] = None  # where the engines' Prometheus metrics are (prefix-cache hits)
     proc: Optional[subprocess.Popen] = None
     metrics_lag_s: float = 0.0  # how long a counter takes to show there
+    headers: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {BENCH_KEY}"})
+
+    def memory_mb(self) -> Optional[dict[str, float]]:
+        """RSS and PSS (shared pages split between the processes sharing them) of every process of the
+        target's session: the server, and for Ray targets the whole local cluster it started."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        import psutil
+
+        rss = pss = 0.0
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) != self.proc.pid:
+                    continue
+                info = p.memory_full_info()
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                continue
+            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+        return {"rss": rss / 2**20, "pss": pss / 2**20}
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -56,23 +90,28 @@ def _spawn(cmd: list[str], log: Path, env: Optional[dict] = None) -> subprocess.
 
 
 def _ours(label: str, policy: str, replicas: int, workdir: Path) -> Target:
-    dep = load_deployment(LOCAL_CPU)
     raw = yaml.safe_load(LOCAL_CPU.read_text())
-    args = dep.service.model_dump(mode="json")
+    args = load_deployment(LOCAL_CPU).service.model_dump(mode="json")
     args["scaling"].update(min_replicas=replicas, max_replicas=replicas, initial_replicas=None)
     args["router"]["routing"]["policy"] = policy
+    keys = workdir / "api-keys"
+    keys.write_text(f"bench:{BENCH_KEY}\n")
+    args["router"]["api_keys"].update(enabled=True, file=str(keys))
+    ports = _local_ports()
     metrics_port, port = free_port(), free_port()
-    args["observability"].update(metrics_export_port=metrics_port, metrics_report_interval_ms=1000)
+    args["observability"].update(metrics_export_port=metrics_port, metrics_report_interval_ms=1000,
+                                 haproxy_metrics_port=int(ports.pop("RAY_SERVE_HAPROXY_METRICS_PORT")))
     raw["applications"][0]["args"] = args
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
     config = workdir / f"{label}.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = _spawn([sys.executable, "-m", "mistral_ray.cli", "run", str(config)], workdir / f"{label}.log")
+    proc = _spawn([sys.executable, "-m", "mistral_ray.cli", "run", str(config)], workdir / f"{label}.log", ports)
     return Target(label, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, 2.5)
 
 
-def _vllm_args(cfg: ServiceConfig) -> list[str]:
-    kw = cfg.engine_kwargs()
+def vllm_cli_args(cfg: ServiceConfig) -> list[str]:
+    """`vllm serve` flags for the same arguments our replicas give vLLM."""
+    kw = vllm_args(cfg)
     args = [kw.pop("model"), "--served-model-name", *kw.pop("served_model_name")]
     for key, value in kw.items():
         flag = "--" + key.replace("_", "-")
@@ -86,38 +125,43 @@ def _vllm_args(cfg: ServiceConfig) -> list[str]:
 def _vllm(label: str, workdir: Path) -> Target:
     cfg = load_deployment(LOCAL_CPU).service
     port = free_port()
-    cmd = [sys.executable, "-m", "mistral_ray.engine.vllm_cli", "serve", *_vllm_args(cfg),
+    cmd = [sys.executable, "-m", "mistral_ray.engine.vllm_cli", "serve", *vllm_cli_args(cfg),
            "--host", "127.0.0.1", "--port", str(port)]
-    proc = _spawn(cmd, workdir / f"{label}.log", cfg.replica_env())
+    proc = _spawn(cmd, workdir / f"{label}.log", replica_env(cfg))
     url = f"http://127.0.0.1:{port}"
     return Target(label, url, f"{url}/metrics", proc, 0.5)
 
 
-def _ray_serve_llm(label: str, replicas: int, workdir: Path) -> Target:
+def _ray_serve_llm(label: str, replicas: int, direct: bool, workdir: Path) -> Target:
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "mistral_ray.bench.serve_llm_target", str(LOCAL_CPU), str(port),
            str(metrics_port), str(replicas)]
-    proc = _spawn(cmd, workdir / f"{label}.log")
+    proc = _spawn(cmd, workdir / f"{label}.log", {**DIRECT_STREAMING_ENV, **_local_ports()} if direct else None)
     return Target(label, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, 2.5)
 
 
-def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 600) -> Target:
-    """Start the target `spec` names and return once it answers a completion (else RuntimeError)."""
+def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 600,
+          label: Optional[str] = None) -> Target:
+    """Start the target `spec` names and return once it answers a completion (else RuntimeError). `label`
+    names its results and its files in `workdir` (default: the spec)."""
     if "=" in spec:
-        label, url = spec.split("=", 1)
-        return Target(label, url.rstrip("/"))
+        name, url = spec.split("=", 1)
+        return Target(name, url.rstrip("/"))
     kind, _, rest = spec.partition(":")
+    label = label or spec
+    files = label.replace(":", "-").replace("#", "-")
     if kind == "ours":
         policy, _, n = rest.partition(":")
-        n_replicas = int(n or replicas)
-        target = _ours(spec.replace(":", "-"), policy or "pow2", n_replicas, workdir)
+        target = _ours(files, policy or "pow2", int(n or replicas), workdir)
     elif kind == "vllm":
-        target = _vllm("vllm", workdir)
+        target = _vllm(files, workdir)
     elif kind == "ray-serve-llm":
-        target = _ray_serve_llm("ray-serve-llm", int(rest or replicas), workdir)
+        direct = rest == "direct"  # its direct streaming serves one replica per app
+        target = _ray_serve_llm(files, 1 if direct else int(rest or replicas), direct, workdir)
     else:
-        raise ValueError(f"unknown target {spec!r}: ours:<policy>[:<replicas>], vllm, ray-serve-llm, label=url")
-    target.label = spec
+        raise ValueError(f"unknown target {spec!r}: ours:<policy>[:<replicas>], vllm, ray-serve-llm[:<replicas>], "
+                         "ray-serve-llm:direct, label=url")
+    target.label = label
     try:
         _wait(target, ready_timeout_s)
     except Exception:
@@ -136,7 +180,8 @@ def _wait(target: Target, timeout_s: float, model: str = "tiny-mistral") -> None
         if target.proc is not None and target.proc.poll() is not None:
             break
         try:
-            if httpx.post(f"{target.base_url}/v1/completions", json=body, timeout=30).status_code == 200:
+            r = httpx.post(f"{target.base_url}/v1/completions", json=body, headers=target.headers, timeout=30)
+            if r.status_code == 200:
                 return
         except httpx.HTTPError:
             pass

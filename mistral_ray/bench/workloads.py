@@ -35,23 +35,25 @@ def random_prompts(model: str, n: int, input_len: int, output_len: int, vocab: i
     # Token ids from 3 up skip the special tokens; each request gets its own prompt (no prefix sharing).
     return [
         Call("completions", {"model": model, "prompt": [rng.randrange(3, vocab) for _ in range(input_len)],
-                             "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True})
+                             "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+                             "stream_options": {"include_usage": True}})
         for _ in range(n)
     ]
 
 
 @dataclass
 class ChatTrace:
-    """`sessions` conversations of `turns` turns each; system prompts shared across sessions."""
+    """`sessions` conversations of `turns` turns each; system prompts shared across sessions. The sizes
+    are required: the bench's DEFAULTS (shown in `mistral-ray bench --help`) are their only home."""
 
     model: str
-    sessions: int = 16
-    turns: int = 4
-    system_prompts: int = 2
-    system_words: int = 120
-    user_words: int = 40
-    output_len: int = 24
-    seed: int = 0
+    sessions: int
+    turns: int
+    system_prompts: int
+    system_words: int
+    user_words: int
+    output_len: int
+    seed: int
     histories: dict[int, list[dict[str, str]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -69,7 +71,8 @@ class ChatTrace:
         """The next turn of a session: the conversation so far plus a new user message."""
         messages = self.histories[session] + [{"role": "user", "content": self._user[(session, turn)]}]
         body = {"model": self.model, "messages": messages, "max_tokens": self.output_len, "temperature": 0,
-                "ignore_eos": True, "stream": True, "user": f"session-{session}"}
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                "user": f"session-{session}"}
         return Call("chat", body, session, turn)
 
     def answered(self, call: Call, text: str) -> None:

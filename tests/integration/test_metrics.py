@@ -21,8 +21,9 @@ def prometheus(app, tmp_path_factory):
     if monitoring.shutil.which("prometheus") is None and not IN_CI:
         pytest.skip("prometheus missing: `make prometheus` installs it")
     port = free_port()
+    obs = app.deployment.service.observability
     proc = monitoring.start_prometheus(
-        app.deployment.service.observability.metrics_export_port, port=port,
+        obs.metrics_export_port, obs.haproxy_metrics_port, port=port,
         data_dir=tmp_path_factory.mktemp("prometheus"), scrape_interval="1s",
     )
     url = f"http://127.0.0.1:{port}"
@@ -78,7 +79,7 @@ def test_engine_metrics_carry_model_and_replica(prometheus):
     tokens = query(prometheus, "sum by (direction) (ray_mistral_ray_tokens_total)")
     assert {s["metric"]["direction"] for s in tokens} == {"in", "out"}
     assert all(float(s["value"][1]) > 0 for s in tokens)
-    rejected = query(prometheus, "sum by (reason) (ray_mistral_ray_router_rejected_requests_total)")
+    rejected = query(prometheus, "sum by (reason) (ray_mistral_ray_rejected_requests_total)")
     assert {s["metric"]["reason"] for s in rejected} >= {"validation", "model_not_found"}
 
 

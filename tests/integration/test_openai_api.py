@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from mistral_ray.protocol import REPLICA_HEADER
+from mistral_ray.server.errors import REPLICA_HEADER
 
 pytestmark = pytest.mark.integration
 CHAT = [{"role": "user", "content": "Explain attention in one sentence."}]
@@ -18,10 +18,10 @@ def error_of(exc: openai.APIStatusError) -> dict:
     return body["error"]
 
 
-def test_models_list(client, model_name):
-    models = client.models.list()
+def test_models_list(client, model_name, app):
+    models = client.models.list()  # vLLM's own answer, as `vllm serve` gives it
     assert [m.id for m in models.data] == [model_name]
-    assert models.data[0].owned_by == "mistral-ray"
+    assert models.data[0].max_model_len == app.deployment.service.engine.max_model_len
 
 
 def test_chat(client, model_name):

@@ -14,7 +14,8 @@ import pytest
 
 from mistral_ray.bench.load import drive
 from mistral_ray.bench.report import prefix_cache_counters
-from mistral_ray.bench.workloads import ChatTrace, random_prompts
+from mistral_ray.bench import chat_trace
+from mistral_ray.bench.workloads import random_prompts
 from tests.integration.conftest import deploy, extra_app
 
 pytestmark = pytest.mark.integration
@@ -55,7 +56,7 @@ def run_trace(url: str, model: str, seed: int):
     # 9 sessions over 4 clients, not 8: sessions interleave in a fixed order, and with a session count that
     # is a multiple of the concurrency, pow2's least-loaded pick sent every turn of a session to the same
     # replica (request k took the slot request k - 4 freed), as if it knew the prefixes (CI: equal rates).
-    trace = ChatTrace(model, sessions=9, turns=4, system_words=30, output_len=24, seed=seed)
+    trace = chat_trace(model, sessions=9, turns=4, system_words=30, user_words=40, output_len=24, seed=seed)
     replies, _ = asyncio.run(drive(url, trace, concurrency=4, progress=False))
     assert len(replies) == 36
     assert all(r.ok for r in replies), [r.error for r in replies if not r.ok][:3]

@@ -7,6 +7,7 @@ import yaml
 
 from mistral_ray import k8s
 from mistral_ray.config import PROJECT_ROOT, load_deployment, parse_service
+from mistral_ray.options import cluster_env, llm_deployment_options
 from tests.k8s.schemas import kustomize, require_schemas, validate
 
 OVERLAYS = PROJECT_ROOT / "k8s" / "overlays"
@@ -31,10 +32,27 @@ def test_every_object_validates(built):
         validate(obj)
 
 
-def test_overlay_file_is_generated_from_the_deployment_file(built):
+def test_overlay_files_are_generated_from_the_deployment_file(built):
     overlay, _ = built
     generated = k8s.serve_config_yaml(k8s.OVERLAYS[overlay])
     assert k8s.overlay_file(overlay).read_text() == generated, "run: mistral-ray k8s serve-config --write"
+    env = k8s.data_plane_env(k8s.OVERLAYS[overlay])
+    assert k8s.overlay_file(overlay, "data-plane.env").read_text() == env, "run: mistral-ray k8s serve-config --write"
+
+
+def test_every_ray_pod_starts_with_the_data_plane_environment(built):
+    overlay, objs = built
+    config_map = next(o for o in objs if o["metadata"]["name"] == "mistral-ray-data-plane")
+    local = load_deployment(PROJECT_ROOT / k8s.OVERLAYS[overlay]).service
+    assert config_map["data"] == cluster_env(local)
+    assert config_map["data"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    cluster = rayservice(objs)["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        container = pod["spec"]["containers"][0]
+        assert {"configMapRef": {"name": "mistral-ray-data-plane"}} in container["envFrom"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["haproxy-metrics"] == int(config_map["data"]["RAY_SERVE_HAPROXY_METRICS_PORT"])
 
 
 def test_serve_config_v2_is_the_deployment_file(built):
@@ -78,7 +96,7 @@ def test_cluster_shape(built):
     container = worker["containers"][0]
     assert {"serve", "metrics"} <= {p["name"] for p in container["ports"]}
     assert container["resources"]["requests"] == container["resources"]["limits"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": "serve"}  # HAProxy's own
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     served = parse_service(yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])["applications"][0]["args"])
     assert served.router.api_keys.enabled and served.router.api_keys.file.startswith(mounts["api-keys"] + "/")
@@ -101,5 +119,5 @@ def test_changing_max_replicas_changes_the_cluster(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     served = yaml.safe_load(yaml.safe_dump(k8s.serve_config(load_deployment(path))))
     assert served["applications"][0]["args"]["scaling"]["max_replicas"] == 7
-    opts = parse_service(served["applications"][0]["args"]).llm_deployment_options()
+    opts = llm_deployment_options(parse_service(served["applications"][0]["args"]))
     assert opts["autoscaling_config"]["max_replicas"] == 7

@@ -18,7 +18,7 @@ def test_prometheus_rule_matches_rules_file():
 def test_shipped_scrape_config_is_what_make_monitor_runs():
     assert monitoring.SCRAPE_CONFIG.read_text() == monitoring.shipped_config_yaml()
     shipped = yaml.safe_load(monitoring.SCRAPE_CONFIG.read_text())
-    assert shipped["scrape_configs"] == monitoring.prometheus_config(8080)["scrape_configs"]
+    assert shipped["scrape_configs"] == monitoring.prometheus_config(8080, 9101)["scrape_configs"]
     assert (monitoring.SCRAPE_CONFIG.parent / shipped["rule_files"][0]) == monitoring.RULES
 
 
@@ -35,9 +35,9 @@ def test_monitoring_builds_and_validates():
     rule = next(o for o in objs if o["kind"] == "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(monitoring.RULES.read_text())["groups"]
     for pm in (o for o in objs if o["kind"] == "PodMonitor"):
-        endpoint = pm["spec"]["podMetricsEndpoints"][0]
-        assert endpoint["port"] == "metrics"
-        assert endpoint["relabelings"][0]["targetLabel"] == "ray_io_cluster"
+        endpoints = pm["spec"]["podMetricsEndpoints"]
+        assert [e["port"] for e in endpoints] == ["metrics", "haproxy-metrics"]  # Ray's and HAProxy's exporters
+        assert all(e["relabelings"][0]["targetLabel"] == "ray_io_cluster" for e in endpoints)
 
 
 def test_unknown_field_is_rejected():

@@ -55,9 +55,10 @@ def test_dashboard_shape():
     assert variables["datasource"]["type"] == "datasource"
     assert variables["cluster"]["type"] == "query"
     titles = " | ".join(p["title"] for p in dash["panels"]).lower()
-    for needed in ["request rate", "error rate", "ttft at the router", "ttft in the engine", "inter-token",
+    for needed in ["request rate", "error rate", "ttft at the replica", "ttft in the engine", "inter-token",
                    "end-to-end", "tokens per second", "waiting requests per replica", "kv-cache usage",
-                   "prefix-cache hit rate", "running vs desired", "rejected"]:
+                   "prefix-cache hit rate", "running vs desired", "rejected", "routing decisions",
+                   "ingress router", "haproxy: retries", "cut by a replica"]:
         assert needed in titles, needed
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"

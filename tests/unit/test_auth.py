@@ -3,7 +3,7 @@
 import pytest
 
 from mistral_ray.config import parse_service
-from mistral_ray.router.auth import ApiKeys
+from mistral_ray.server.auth import ApiKeys
 
 
 def test_identify():

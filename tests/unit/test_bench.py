@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from mistral_ray.bench import ChatTrace, plot, table, to_json
+from mistral_ray.bench import chat_trace, plot, table, to_json
 from mistral_ray.bench.load import Reply, summarize
 from mistral_ray.bench.report import hit_rate
-from mistral_ray.bench.targets import _vllm_args
+from mistral_ray.bench.targets import vllm_cli_args
 from mistral_ray.bench.workloads import random_prompts
 from mistral_ray.config import ServiceConfig
 
@@ -21,7 +21,7 @@ def test_random_prompts_are_seeded_and_sized():
 
 
 def test_chat_trace_resends_the_growing_conversation_with_shared_system_prompts():
-    trace = ChatTrace("m", sessions=4, turns=3, system_prompts=2, seed=1)
+    trace = chat_trace("m", sessions=4, turns=3, system_prompts=2, seed=1)
     first = trace.call(0, 0)
     assert [m["role"] for m in first.body["messages"]] == ["system", "user"]
     trace.answered(first, "the answer")
@@ -30,7 +30,8 @@ def test_chat_trace_resends_the_growing_conversation_with_shared_system_prompts(
     assert second.body["messages"][-1]["role"] == "user" and second.body["user"] == "session-0"
     systems = {trace.call(s, 0).body["messages"][0]["content"] for s in range(4)}
     assert len(systems) == 2  # shared across sessions
-    assert ChatTrace("m", sessions=4, turns=3, seed=1).call(2, 1).body == ChatTrace("m", sessions=4, turns=3, seed=1).call(2, 1).body
+    assert chat_trace("m", sessions=4, turns=3, seed=1).call(2, 1).body == chat_trace("m", sessions=4, turns=3, seed=1).call(2, 1).body
+    assert first.body["stream_options"] == {"include_usage": True}  # token counts come from the server's usage
 
 
 def test_hit_rate_from_counter_deltas():
@@ -39,10 +40,12 @@ def test_hit_rate_from_counter_deltas():
 
 
 def test_summary_table_json_and_plots(tmp_path):
-    replies = [Reply(True, 0.1, [0.01, 0.02], 3, "abc", "r1"), Reply(True, 0.3, [0.02], 2, "ab", "r2"),
+    replies = [Reply(True, 0.1, [0.01, 0.02], 3, "abc", "r1", e2e=0.3), Reply(True, 0.3, [0.02], 2, "ab", "r2", e2e=0.4),
                Reply(False, error="503: busy")]
     r = summarize("ours:pow2", "chat", 8, replies, 2.0, 0.42)
     assert (r.requests, r.errors, r.req_per_s, r.out_tok_per_s) == (2, 1, 1.0, 2.5)
+    # TPOT per request: (e2e - TTFT) / (tokens - 1): 100 ms for both.
+    assert r.tpot_ms_p50 == pytest.approx(100) and r.tpot_ms_p95 == pytest.approx(100)
     assert r.per_replica == {"r1": 1, "r2": 1} and r.first_errors == ["503: busy"]
     assert "ours:pow2" in table([r]) and "42.0" in table([r])
     assert json.loads(to_json([r]))[0]["prefix_cache_hit_rate"] == 0.42
@@ -52,7 +55,7 @@ def test_summary_table_json_and_plots(tmp_path):
 
 
 def test_bare_vllm_gets_the_same_engine_arguments():
-    args = _vllm_args(ServiceConfig())
+    args = vllm_cli_args(ServiceConfig())
     assert args[1:3] == ["--served-model-name", "tiny-mistral"]
     assert "--enable-prefix-caching" in args and "--enforce-eager" in args
     assert args[args.index("--max-model-len") + 1] == "2048"
@@ -74,11 +77,13 @@ def test_drive_interleaves_chat_sessions_and_sends_each_turn_after_its_answer():
         sent.append((body["user"], len(body["messages"])))
         answer = f"answer-{next(counter)}"
         chunk = json.dumps({"choices": [{"delta": {"content": answer}}]})
-        return httpx.Response(200, text=f"data: {chunk}\n\ndata: [DONE]\n\n", headers={"x-mistral-ray-replica": "r"})
+        usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+        return httpx.Response(200, text=f"data: {chunk}\n\ndata: {usage}\n\ndata: [DONE]\n\n",
+                              headers={"x-mistral-ray-replica": "r"})
 
-    trace = ChatTrace("m", sessions=3, turns=2, seed=0)
+    trace = chat_trace("m", sessions=3, turns=2, seed=0)
     replies, _ = asyncio.run(drive("http://test", trace, 1, progress=False, transport=httpx.MockTransport(app)))
-    assert len(replies) == 6 and all(r.ok for r in replies)
+    assert len(replies) == 6 and all(r.ok and r.tokens == 2 for r in replies)  # one event, two tokens
     # One at a time: every session's first turn, then the second turns (users interleave), each resending
     # its own conversation with the answer it got.
     assert sent == [("session-0", 2), ("session-1", 2), ("session-2", 2),

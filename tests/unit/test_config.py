@@ -12,6 +12,7 @@ from mistral_ray.config import (
     load_deployment,
     parse_service,
 )
+from mistral_ray.options import cluster_env, llm_deployment_options, vllm_args
 
 DEPLOYMENTS = PROJECT_ROOT / "deployments"
 
@@ -30,9 +31,9 @@ def test_local_cpu_file():
     assert dep.base_url == "http://127.0.0.1:8000"
     assert svc.model.build_tiny and svc.engine.device == "cpu"
     assert (svc.scaling.min_replicas, svc.scaling.max_replicas) == (1, 1)
-    opts = svc.llm_deployment_options()
+    opts = llm_deployment_options(svc)
     assert opts["num_replicas"] == 1 and "autoscaling_config" not in opts
-    # Two replicas and a router must fit on a 2-core machine.
+    # Two replicas and the ingress routers must fit on a 2-core machine.
     assert 2 * opts["ray_actor_options"]["num_cpus"] + svc.router.num_cpus <= 2
     env = opts["ray_actor_options"]["runtime_env"]["env_vars"]
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CACHE_ROOT"].endswith(".state/vllm-cache")
@@ -40,11 +41,12 @@ def test_local_cpu_file():
 
 def test_mistral_7b_file():
     svc = load_deployment(DEPLOYMENTS / "mistral-7b-instruct-v0.1.yaml").service
-    kw = svc.engine_kwargs()
+    kw = vllm_args(svc)
     assert kw["model"] == "mistralai/Mistral-7B-Instruct-v0.1"  # a hub id passes through unresolved
     assert kw["dtype"] == "bfloat16" and kw["max_model_len"] == 32768
     assert kw["gpu_memory_utilization"] == 0.9
-    opts = svc.llm_deployment_options()
+    assert kw["tool_call_parser"] == "mistral" and kw["enable_auto_tool_choice"] is True
+    opts = llm_deployment_options(svc)
     assert opts["ray_actor_options"]["num_gpus"] == 1
     assert opts["autoscaling_config"]["min_replicas"] == 1 and opts["autoscaling_config"]["max_replicas"] == 4
     assert "VLLM_CPU_KVCACHE_SPACE" not in opts["ray_actor_options"]["runtime_env"]["env_vars"]
@@ -52,8 +54,27 @@ def test_mistral_7b_file():
 
 def test_local_source_resolves_to_absolute_path():
     svc = ServiceConfig()
-    assert Path(svc.engine_kwargs()["model"]).is_absolute()
-    assert svc.engine_kwargs()["model"] == str(PROJECT_ROOT / ".state/models/tiny-mistral")
+    assert Path(vllm_args(svc)["model"]).is_absolute()
+    assert vllm_args(svc)["model"] == str(PROJECT_ROOT / ".state/models/tiny-mistral")
+
+
+def test_vllm_serving_options_and_extra_args_reach_vllm():
+    svc = parse_service({"engine": {"tool_call_parser": "mistral", "enable_auto_tool_choice": True,
+                                    "extra_args": {"max_logprobs": 5}}})
+    kw = vllm_args(svc)
+    assert (kw["tool_call_parser"], kw["enable_auto_tool_choice"], kw["max_logprobs"]) == ("mistral", True, 5)
+    with pytest.raises(ConfigError, match="enable_auto_tool_choice needs engine.tool_call_parser"):
+        parse_service({"engine": {"enable_auto_tool_choice": True}})
+
+
+def test_cluster_env_turns_the_data_plane_on_from_the_config():
+    env = cluster_env(parse_service({"router": {"request_timeout_s": 30, "retries": 2}}))
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] == "0"  # pow2 needs no body
+    assert env["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] == "40" and env["RAY_SERVE_HAPROXY_RETRIES"] == "2"
+    affinity = cluster_env(parse_service({"router": {"routing": {"policy": "prefix_affinity"}}}))
+    assert affinity["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] == "1"
+    assert cluster_env(parse_service({"router": {"haproxy": False}})) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
 
 
 @pytest.mark.parametrize(
@@ -64,7 +85,7 @@ def test_local_source_resolves_to_absolute_path():
         ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs"),
         ({"modell": {}}, "modell"),
         ({"scaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas (3) > max_replicas (2)"),
-        ({"router": {"min_replicas": 2, "max_replicas": 1}}, "min_replicas (2) > max_replicas (1)"),
+        ({"router": {"max_queued_requests": 10}}, "router.max_queued_requests"),
         ({"scaling": {"initial_replicas": 5, "max_replicas": 2}}, "initial_replicas (5) outside"),
         ({"engine": {"device": "cuda"}}, "replica_gpus must be >= engine.tensor_parallel_size"),
         ({"scaling": {"replica_gpus": 1}}, "replica_gpus must be 0 on device cpu"),
@@ -84,23 +105,21 @@ def test_autoscaling_when_min_below_max_uses_our_policy_as_serve_reads_it():
 
     svc = parse_service({"scaling": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 8,
                                      "upscale_delay_s": 2, "downscale_to_zero_delay_s": 300}})
-    auto = AutoscalingConfig(**svc.llm_deployment_options()["autoscaling_config"])
+    auto = AutoscalingConfig(**llm_deployment_options(svc)["autoscaling_config"])
     assert (auto.min_replicas, auto.max_replicas, auto.upscale_delay_s, auto.downscale_to_zero_delay_s) == (0, 3, 2, 300)
     assert auto.policy.policy_function == "mistral_ray.autoscaling:LLMAutoscalingPolicy"
     assert auto.policy.policy_kwargs == {"target_ongoing_requests": 8, "target_kv_usage": 0.8}
     policy = auto.policy.get_policy()(**auto.policy.policy_kwargs)  # what Serve's controller does
     assert policy.target_ongoing_requests == 8 and type(policy).__name__ == LLMAutoscalingPolicy.__name__
-    router = parse_service({"router": {"min_replicas": 1, "max_replicas": 4}}).router_deployment_options()
-    assert AutoscalingConfig(**router["autoscaling_config"]).target_ongoing_requests == 256
 
 
 def test_routing_policy_reaches_serve_request_router_config():
     from ray.serve.config import RequestRouterConfig
 
-    from mistral_ray.router.request_router import LLMRequestRouter
+    from mistral_ray.routing.request_router import LLMRequestRouter
 
     svc = parse_service({"router": {"routing": {"policy": "prefix_affinity", "imbalance": 3}}})
-    rrc = RequestRouterConfig(**svc.llm_deployment_options()["request_router_config"])
+    rrc = RequestRouterConfig(**llm_deployment_options(svc)["request_router_config"])
     assert rrc.get_request_router_class() is LLMRequestRouter
     assert rrc.request_router_kwargs["policy"] == "prefix_affinity" and rrc.request_routing_stats_period_s == 0.5
     with pytest.raises(ConfigError, match="router.routing.policy"):

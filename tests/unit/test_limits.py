@@ -2,7 +2,8 @@
 
 import pytest
 
-from mistral_ray.router.limits import RateLimiter, TokenBucket, check_sizes, requested_tokens
+from mistral_ray.server.errors import Refused
+from mistral_ray.server.limits import RateLimiter, TokenBucket, check_sizes, requested_tokens
 
 
 class Clock:
@@ -28,33 +29,49 @@ def test_bucket_allows_a_minutes_burst_then_refills_continuously():
     assert b.level <= 60 and b.wait_s(61) == 0  # one oversized request waits for a full bucket, no longer
 
 
+def refused(call) -> Refused:
+    with pytest.raises(Refused) as exc:
+        call()
+    return exc.value
+
+
 def test_rate_limiter_is_per_key_and_says_when_to_retry():
     clock = Clock()
-    rl = RateLimiter(requests_per_minute=2, tokens_per_minute=None, now=clock)
-    assert rl.admit("a", 10) is None and rl.admit("a", 10) is None
-    refusal = rl.admit("a", 10)
+    rl = RateLimiter(requests_per_minute=2, tokens_per_minute=None, max_keys=10, now=clock)
+    assert rl.admit("a", 10) == (1, 0) and rl.admit("a", 10) == (1, 0)
+    refusal = refused(lambda: rl.admit("a", 10))
     assert refusal.status == 429 and refusal.retry_after_s == 30 and refusal.reason == "rate_limit"
     assert "requests per minute" in refusal.message and refusal.code == "rate_limit_exceeded"
-    assert rl.admit("b", 10) is None  # another key has its own bucket
+    rl.admit("b", 10)  # another key has its own bucket
     clock.t += 30
-    assert rl.admit("a", 10) is None
+    rl.admit("a", 10)
 
 
 def test_token_limit_counts_prompt_and_requested_completion():
     clock = Clock()
-    rl = RateLimiter(requests_per_minute=None, tokens_per_minute=600, now=clock)
-    assert rl.admit("k", 500) is None
-    refusal = rl.admit("k", 200)  # 100 left, 100 short at 10 tokens/s
+    rl = RateLimiter(requests_per_minute=None, tokens_per_minute=600, max_keys=10, now=clock)
+    assert rl.admit("k", 500) == (0, 500)
+    refusal = refused(lambda: rl.admit("k", 200))  # 100 left, 100 short at 10 tokens/s
     assert refusal.retry_after_s == 10 and "tokens per minute" in refusal.message
     assert rl.buckets["k"][1].level == 100  # a refused request takes nothing
-    assert RateLimiter(None, None).admit("k", 10**9) is None and not RateLimiter(None, None).enabled
+
+
+def test_a_refund_gives_back_what_was_charged_and_no_more():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=3, tokens_per_minute=600, max_keys=10, now=clock)
+    charge = rl.admit("k", 500)
+    refused(lambda: rl.admit("k", 200))
+    rl.refund("k", charge)  # the engine refused that request before generating
+    assert rl.buckets["k"][0].level == 3 and rl.buckets["k"][1].level == 600  # capped at a full bucket
+    rl.admit("k", 200)
+    rl.refund("unknown-key", (1, 100))  # nothing to give back to: no error, no new key
 
 
 def test_rate_limiter_memory_is_bounded():
     rl = RateLimiter(10, None, max_keys=3)
     for key in "abcdef":
         rl.admit(key, 1)
-    assert len(rl.buckets) == 3
+    assert len(rl.buckets) == 3 and list(rl.buckets) == ["d", "e", "f"]
 
 
 def test_requested_tokens():
@@ -67,14 +84,15 @@ def test_requested_tokens():
 @pytest.mark.parametrize("payload, param", [
     ({"max_tokens": 101}, "max_tokens"),
     ({"max_completion_tokens": 1000}, "max_completion_tokens"),
+    ({"max_output_tokens": 1000}, "max_output_tokens"),
     ({"n": 9}, "n"),
 ])
 def test_size_limits_name_the_parameter(payload, param):
-    refusal = check_sizes(payload, max_tokens=100, max_n=8)
+    refusal = refused(lambda: check_sizes(payload, max_tokens=100, max_n=8))
     assert refusal.status == 400 and refusal.param == param and str(payload[param]) in refusal.message
 
 
 def test_sizes_within_limits_or_of_wrong_type_pass_to_the_engine():
-    assert check_sizes({"max_tokens": 100, "n": 8}, 100, 8) is None
-    assert check_sizes({"max_tokens": 10**30, "n": 10**30}, None, 10**31) is None
-    assert check_sizes({"max_tokens": "lots", "n": [1]}, 100, 8) is None
+    check_sizes({"max_tokens": 100, "n": 8}, 100, 8)
+    check_sizes({"max_tokens": 10**30, "n": 10**30}, None, 10**31)
+    check_sizes({"max_tokens": "lots", "n": [1]}, 100, 8)

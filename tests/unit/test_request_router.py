@@ -7,29 +7,82 @@ from types import SimpleNamespace
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
-from mistral_ray.router.request_router import LLMRequestRouter
+from mistral_ray.routing.hint import RouteHint
+from mistral_ray.routing.policies import ARRIVALS
+from mistral_ray.routing.request_router import LLMRequestRouter
 
 DEPLOYMENT = DeploymentID(name="llm", app_name="mistral")
 
 
-def replica(name, waiting=0, running=0, kv=0.0):
+def replica(name, waiting=0, running=0, kv=0.0, arrivals=None):
     # What the router reads of a RunningReplica: its id, reported stats, and a queue-length probe.
     async def get_queue_len(*, deadline_s):
         return waiting + running
     return SimpleNamespace(replica_id=ReplicaID(name, DEPLOYMENT), get_queue_len=get_queue_len,
-                           routing_stats={WAITING: waiting, RUNNING: running, KV_USAGE: kv})
+                           routing_stats={WAITING: waiting, RUNNING: running, KV_USAGE: kv, ARRIVALS: arrivals or {}})
 
 
 def router(policy="pow2"):
     r = LLMRequestRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
-    r.initialize_state(policy=policy, imbalance=8)
+    r.initialize_state(policy=policy, imbalance=8, metrics=False)
     return r
 
 
-def first_choices(r, replicas, n):
+def first_choices(r, replicas, n, hint=None):
     async def run():
-        return Counter([(await r.choose_replicas(replicas))[0][0].replica_id.unique_id for _ in range(n)])
+        picks = Counter()
+        for _ in range(n):
+            pending = None if hint is None else SimpleNamespace(args=[hint], kwargs={}, metadata=None)
+            picks[(await r.choose_replicas(replicas, pending))[0][0].replica_id.unique_id] += 1
+        return picks
     return asyncio.run(run())
+
+
+def test_ingress_router_picks_count_until_the_replica_reports_them():
+    # HAProxy's questions: Serve takes our first choice and sends nothing, so the picks are the load.
+    r, pick = router(), RouteHint(picker="router-1")
+    a, b = replica("a"), replica("b")
+    counts = first_choices(r, [a, b], 40, pick)
+    assert counts == {"a": 20, "b": 20}  # with stale reports of 0, each pick makes its replica heavier
+    # Reports that include our picks (arrivals) replace our count with what the replica says it holds.
+    a2 = replica("a", running=20, arrivals={"router-1": 20})
+    b2 = replica("b", running=0, arrivals={"router-1": 20})
+    assert first_choices(r, [a2, b2], 10, pick) == {"b": 10}
+    assert r.picks["router-1"] == {"a": 20, "b": 30}
+
+
+def test_requests_redispatched_here_do_not_hide_later_picks():
+    # HAProxy sent 6 of our picks for a lost replica to `a`: a reports more arrivals than we picked for it.
+    r, pick = router(), RouteHint(picker="router-1")
+    a, b = replica("a", arrivals={"router-1": 26}), replica("b", arrivals={"router-1": 20})
+    r.picks["router-1"] = Counter({"a": 20, "b": 20})
+    assert first_choices(r, [a, b], 40, pick) == {"a": 20, "b": 20}  # not all to `a` until it catches up
+
+
+def test_picks_that_never_arrive_stop_counting():
+    # Requests HAProxy sent elsewhere (a refused connection) never arrive: after the window, the reports win.
+    r, pick = router(), RouteHint(picker="router-1")
+    a, b = replica("a"), replica("b")
+    first_choices(r, [a, b], 40, pick)
+    a_lost = replica("a", arrivals={"router-1": 0})  # none of a's 20 picks arrived
+    b_idle = replica("b", running=3, arrivals={"router-1": 20})
+    assert first_choices(r, [a_lost, b_idle], 4, pick) == {"b": 4}  # within the window: a looks busy
+    r.window_s = 0.0  # the window has passed
+    assert first_choices(r, [a_lost, b_idle], 4, pick) == {"a": 4}
+
+
+def test_session_header_read_by_serves_proxy_keeps_a_session_on_its_replica():
+    r, a, b = router("session"), replica("a"), replica("b")
+
+    async def run():
+        homes = set()
+        for _ in range(10):
+            pending = SimpleNamespace(args=[], kwargs={}, metadata=SimpleNamespace(session_id="alice"))
+            chosen = (await r.choose_replicas([a, b], pending))[0][0].replica_id
+            r.on_request_routed(pending, chosen, None)
+            homes.add(chosen.unique_id)
+        return homes
+    assert len(asyncio.run(run())) == 1
 
 
 def test_own_in_flight_requests_count_between_stats_reports():

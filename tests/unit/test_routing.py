@@ -5,14 +5,14 @@ from collections import Counter
 
 import pytest
 
-from mistral_ray.routing import (
-    Load, PrefixIndex, RouteHint, is_follow_up, kv_usage, make_policy, prefix_blocks, prompt_text, sequence_kv_tokens,
-)
+from mistral_ray.routing.hint import RouteHint, hint_from_body, is_follow_up, prefix_blocks, prompt_text
+from mistral_ray.routing.policies import Load, PrefixIndex, kv_usage, make_policy, sequence_kv_tokens
 
 
 def policy(name, **kw):
     return make_policy(name, imbalance=kw.pop("imbalance", 4), kv_limit=kw.pop("kv_limit", 0.9),
-                       index_blocks=kw.pop("index_blocks", 1000), rng=random.Random(0))
+                       index_blocks=kw.pop("index_blocks", 1000), max_sessions=kw.pop("max_sessions", 100),
+                       rng=random.Random(0))
 
 
 def hint(text, **kw):
@@ -48,6 +48,21 @@ def test_prompt_text_keys_chat_by_role_and_content():
     assert prompt_text("completions", {"prompt": "abc"}) == "abc"
     assert prompt_text("completions", {"prompt": [1, 2]}) == "1 2 "
     assert prompt_text("chat", {"messages": "not a list"}) == ""
+    responses = {"instructions": "Be brief. ", "input": [{"role": "user", "content": "hi"}]}
+    assert prompt_text("responses", responses) == "Be brief. hi"
+
+
+def test_hint_from_the_body_haproxy_forwards():
+    chat = b'{"messages": [{"role": "user", "content": "' + b"w" * 64 + b'"}], "user": "bob"}'
+    h = hint_from_body(chat, None, 8, 64, picker="r1")
+    assert len(h.prefix) == 8 and h.session == "bob" and not h.follow_up and h.picker == "r1"
+    assert hint_from_body(chat, "alice", 8, 64).session == "alice"  # the header wins over the body
+    # Truncated, unparsable or keyless bodies: no prefix, so the policy goes by load (and session header).
+    for body in [chat[:30], b"", b"[1]", b'{"model": "m"}']:
+        h = hint_from_body(body, "s", 8, 64)
+        assert h.prefix == () and h.session == "s"
+    completion = hint_from_body(b'{"prompt": "' + b"p" * 16 + b'"}', None, 8, 64)
+    assert len(completion.prefix) == 2 and completion.follow_up
 
 
 def test_pow2_prefers_the_less_loaded_of_two_and_balances_uniform_load():
@@ -142,6 +157,26 @@ def test_prefix_index_forgets_least_recent_blocks_and_dead_replicas():
     assert index.match("a", new) == 0
 
 
+def test_decisions_say_why():
+    p = policy("prefix_affinity", imbalance=1)
+    h = hint("D" * 64)
+    assert p.decide(h, IDLE).reason == "new_prefix"
+    p.routed(h, "a")
+    assert p.decide(h, IDLE).reason == "prefix"
+    assert p.decide(h, [Load("a", 5), Load("b", 0)]).reason == "overloaded"
+    assert p.decide(None, IDLE).reason == "load"
+    s = policy("session")
+    s.routed(RouteHint(session="x"), "a")
+    assert s.decide(RouteHint(session="x"), IDLE).reason == "session"
+
+
+def test_session_table_is_bounded():
+    p = policy("session", max_sessions=2)
+    for name in "xyz":
+        p.routed(RouteHint(session=name), "a")
+    assert list(p.sessions) == ["y", "z"]
+
+
 def test_session_sticks_and_moves_on_overload():
     p = policy("session", imbalance=2)
     h = RouteHint(session="alice")
@@ -161,4 +196,28 @@ def test_session_sticks_and_moves_on_overload():
 
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown routing policy 'random'"):
-        make_policy("random", imbalance=1, kv_limit=0.9)
+        make_policy("random", imbalance=1, kv_limit=0.9, index_blocks=1, max_sessions=1)
+
+
+def test_hint_from_any_body_never_fails():
+    """HAProxy hands the router bodies no check has seen: whatever they hold, routing goes on (by load)."""
+    import json
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                          lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                          max_leaves=20)
+    keys = st.sampled_from(["messages", "prompt", "input", "instructions", "user", "content", "role", "text"])
+    bodies = st.dictionaries(keys, values, max_size=4).map(lambda d: json.dumps(d).encode()) | st.binary(max_size=80)
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(body=bodies)
+    def check(body):
+        h = hint_from_body(body, "s", 8, 64, picker="p")
+        assert h.session == "s" and h.picker == "p"  # the header's session and the picker always survive
+
+    check()
+    deep = b'{"messages": [{"role": "user", "content": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    assert hint_from_body(deep, None, 8, 64).prefix == ()

@@ -1,7 +1,7 @@
 """How a replica is chosen for a request: pure policy logic, no Ray, no vllm.
 
-The Serve request router (`router/request_router.py`) feeds these policies the live load of each replica and
-the request's `RouteHint`, and sends the request to the first rank of replicas that has room. Policies:
+The Serve request router (`routing/request_router.py`) feeds these policies the live load of each replica and
+the request's `RouteHint` (`routing/hint.py`), and the request goes to the first replica of the ranking. Policies:
 
 - `pow2`: two random replicas, the less loaded first (load-aware baseline).
 - `prefix_affinity`: the replica holding the longest cached prefix of the prompt, unless it is overloaded
@@ -16,23 +16,15 @@ of KV, however long it grows, so long conversations do not look heavier than the
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
+
+from mistral_ray.routing.hint import RouteHint
 
 POLICIES = ("pow2", "prefix_affinity", "session")
-
-
-@dataclass(frozen=True)
-class RouteHint:
-    """What the ingress learned about a request while parsing it, for the routing policy."""
-
-    prefix: tuple[bytes, ...] = ()  # chained digests of the prompt's leading fixed-size blocks
-    session: Optional[str] = None
-    prompt_chars: int = 0
-    follow_up: bool = True  # False for a chat's first request: nothing of its own can be cached yet
+ARRIVALS = "arrivals"  # a replica's routing stat: {picker id: requests it received from that picker}
 
 
 @dataclass(frozen=True)
@@ -42,45 +34,6 @@ class Load:
     replica: str
     ongoing: int  # queued + running requests
     kv_usage: float = 0.0  # sliding-window-aware KV tokens / KV capacity, 0..1+
-
-
-def prompt_text(route: str, payload: dict[str, Any]) -> str:
-    """The text a prompt's KV cache is keyed by: chat messages in order (role and content), or the prompt."""
-    if route == "chat":
-        parts = []
-        for message in payload.get("messages") or []:
-            if isinstance(message, dict):
-                parts.append(f"{message.get('role')}\x00{_text(message.get('content'))}\x00")
-        return "".join(parts)
-    return _text(payload.get("prompt"))
-
-
-def is_follow_up(route: str, payload: dict[str, Any]) -> bool:
-    """Does the prompt carry an earlier answer (a chat with an assistant or tool message)? Completions have
-    no turns to tell, so they count as follow-ups (routed by their prefix)."""
-    if route != "chat":
-        return True
-    return any(isinstance(m, dict) and m.get("role") in ("assistant", "tool") for m in payload.get("messages") or [])
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # content parts, or a token-id prompt
-        return "".join(_text(v.get("text")) if isinstance(v, dict) else str(v) + " " for v in value)
-    return ""
-
-
-def prefix_blocks(text: str, block_chars: int, max_blocks: int) -> tuple[bytes, ...]:
-    """Chained digests of the text's whole leading blocks: block i's digest covers blocks 0..i, so equal
-    digests mean equal prefixes (as vLLM's block hashes do, in characters since the router has no tokenizer)."""
-    digests: list[bytes] = []
-    previous = b""
-    data = text.encode("utf-8", "surrogatepass")
-    for i in range(min(len(data) // block_chars, max_blocks)):
-        previous = hashlib.blake2b(previous + data[i * block_chars:(i + 1) * block_chars], digest_size=8).digest()
-        digests.append(previous)
-    return tuple(digests)
 
 
 def sequence_kv_tokens(length: int, sliding_window: Optional[int]) -> int:
@@ -127,18 +80,29 @@ class PrefixIndex:
         self._blocks.pop(replica, None)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """Replica ids in preference ranks, and why (a `mistral_ray_routing_decisions_total` label)."""
+
+    ranks: list[list[str]]
+    reason: str  # load | prefix | new_prefix | session | overloaded
+
+
 class Policy:
-    """Base: `pow2`. `rank` returns replica ids in preference ranks; Serve takes the first rank with room."""
+    """Base: `pow2`. `decide` ranks replica ids; the request goes to the first rank with room."""
 
     name = "pow2"
 
-    def __init__(self, imbalance: int = 8, kv_limit: float = 0.95, rng: Optional[random.Random] = None):
+    def __init__(self, imbalance: int, kv_limit: float, rng: Optional[random.Random] = None):
         self.imbalance = imbalance
         self.kv_limit = kv_limit
         self.rng = rng or random.Random()
 
+    def decide(self, hint: Optional[RouteHint], loads: list[Load]) -> Decision:
+        return Decision(self._by_load(loads), "load")
+
     def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
-        return self._by_load(loads)
+        return self.decide(hint, loads).ranks
 
     def _by_load(self, loads: list[Load]) -> list[list[str]]:
         """The pow2 order, as ranks: what every policy falls back to."""
@@ -180,20 +144,20 @@ class PrefixAffinity(Policy):
         super().__init__(**kwargs)
         self.index = index
 
-    def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
+    def decide(self, hint: Optional[RouteHint], loads: list[Load]) -> Decision:
         # A chat's first request goes by load even when one replica holds its shared system prompt:
         # following that would pile every new conversation onto the replica that cached it first, as long as
         # the load gap stays under `imbalance` (seen at concurrency 8: 128 of 128 requests on one replica).
         if hint is None or not hint.prefix or not hint.follow_up or not loads:
-            return self._by_load(loads)
+            return Decision(self._by_load(loads), "load")
         scored = [(self.index.match(l.replica, hint.prefix), l) for l in loads]
         best_match = max(m for m, _ in scored)
         if best_match == 0:
-            return self._by_load(loads)  # nothing cached anywhere: spread new prefixes by load
+            return Decision(self._by_load(loads), "new_prefix")  # nothing cached anywhere: spread by load
         holders = [l for m, l in scored if m == best_match and not self._overloaded(l, loads)]
         if not holders:
-            return self._by_load(loads)
-        return self._prefer(min(holders, key=lambda l: (l.ongoing, l.kv_usage)), loads)
+            return Decision(self._by_load(loads), "overloaded")
+        return Decision(self._prefer(min(holders, key=lambda l: (l.ongoing, l.kv_usage)), loads), "prefix")
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
         if hint is not None and hint.prefix:
@@ -206,17 +170,19 @@ class PrefixAffinity(Policy):
 class Session(Policy):
     name = "session"
 
-    def __init__(self, max_sessions: int = 100_000, **kwargs):
+    def __init__(self, max_sessions: int, **kwargs):
         super().__init__(**kwargs)
         self.max_sessions = max_sessions
         self.sessions: OrderedDict[str, str] = OrderedDict()
 
-    def rank(self, hint: Optional[RouteHint], loads: list[Load]) -> list[list[str]]:
+    def decide(self, hint: Optional[RouteHint], loads: list[Load]) -> Decision:
         home = self.sessions.get(hint.session) if hint is not None and hint.session else None
         for load in loads:
-            if load.replica == home and not self._overloaded(load, loads):
-                return self._prefer(load, loads)
-        return self._by_load(loads)
+            if load.replica == home:
+                if self._overloaded(load, loads):
+                    return Decision(self._by_load(loads), "overloaded")
+                return Decision(self._prefer(load, loads), "session")
+        return Decision(self._by_load(loads), "load")
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
         if hint is None or not hint.session:
@@ -231,13 +197,13 @@ class Session(Policy):
             del self.sessions[session]
 
 
-def make_policy(name: str, *, imbalance: int, kv_limit: float, index_blocks: int = 65536,
+def make_policy(name: str, *, imbalance: int, kv_limit: float, index_blocks: int, max_sessions: int,
                 rng: Optional[random.Random] = None) -> Policy:
     common = dict(imbalance=imbalance, kv_limit=kv_limit, rng=rng)
     if name == "prefix_affinity":
         return PrefixAffinity(PrefixIndex(index_blocks), **common)
     if name == "session":
-        return Session(**common)
+        return Session(max_sessions, **common)
     if name == "pow2":
         return Policy(**common)
     raise ValueError(f"unknown routing policy {name!r}; one of {', '.join(POLICIES)}")

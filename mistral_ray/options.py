@@ -1,0 +1,148 @@
+"""The only translation from a `ServiceConfig` to what Ray Serve, vLLM and the Ray cluster are given.
+
+Serve deployment options for the three deployments, vLLM's arguments, the replicas' environment, and the
+data plane's environment (HAProxy and direct ingress are switched on per Ray cluster, by environment
+variables every Ray process reads at import: `mistral-ray run`, the tests and the RayService set them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mistral_ray.config import STATE_DIR, ServiceConfig
+
+LLM_DEPLOYMENT = "LLMServer"
+INGRESS_ROUTER_DEPLOYMENT = "IngressRouter"
+QUOTA_DEPLOYMENT = "QuotaBank"
+# Serve imports these by path on the controller and in every handle.
+REQUEST_ROUTER = "mistral_ray.routing.request_router:LLMRequestRouter"
+AUTOSCALING_POLICY = "mistral_ray.autoscaling:LLMAutoscalingPolicy"
+# HAProxy gives up on a silent replica this long after the replica's own timeout would have answered 504.
+_HAPROXY_GRACE_S = 10
+
+
+def vllm_args(cfg: ServiceConfig) -> dict[str, Any]:
+    """`vllm serve`'s arguments (engine and OpenAI server), by argument name."""
+    e = cfg.engine
+    args: dict[str, Any] = dict(
+        model=cfg.model.resolved_source(),
+        served_model_name=[cfg.model.name],
+        revision=cfg.model.revision,
+        dtype=e.dtype,
+        max_model_len=e.max_model_len,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        enable_prefix_caching=e.enable_prefix_caching,
+        tensor_parallel_size=e.tensor_parallel_size,
+        enforce_eager=e.enforce_eager,
+        seed=e.seed,
+        tokenizer_mode=e.tokenizer_mode,
+        config_format=e.config_format,
+        load_format=e.load_format,
+        chat_template=e.chat_template,
+        enable_auto_tool_choice=e.enable_auto_tool_choice,
+        tool_call_parser=e.tool_call_parser,
+    )
+    if e.device == "cuda":
+        args["gpu_memory_utilization"] = e.gpu_memory_utilization
+    args.update(e.extra_args)
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def replica_env(cfg: ServiceConfig) -> dict[str, str]:
+    """Environment of each LLM replica process (read by vLLM at import)."""
+    env = {"VLLM_CACHE_ROOT": str(STATE_DIR / "vllm-cache"), "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.engine.device == "cpu":
+        env["VLLM_TARGET_DEVICE"] = "cpu"
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{cfg.engine.cpu_kvcache_space_gib:g}"
+        # Replicas share the machine's cores; pinning OMP threads to the same cores would serialize them.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return env
+
+
+def cluster_env(cfg: ServiceConfig) -> dict[str, str]:
+    """The Ray cluster's environment for this data plane: every Ray process (controller, HAProxy manager,
+    replicas) must start with it. Empty values are left unset."""
+    r = cfg.router
+    if not r.haproxy:
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    needs_body = r.routing.policy != "pow2"  # prefix digests, or the body's `user` as the session
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # Replica user code on the replica's own event loop, gRPC between Ray processes, direct ingress.
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1" if needs_body else "0",
+        "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(r.routing.route_body_bytes),
+        "RAY_SERVE_SESSION_ID_HEADER_KEY": r.routing.session_header,
+        "RAY_SERVE_HAPROXY_NBTHREAD": str(r.haproxy_threads),
+        "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S": str(r.route_timeout_s),
+        # Inactivity on the replica side: a dead node's streams end, and a request waiting for a replica at
+        # scale from zero gives up (the replica's own 504 comes first whenever a replica answers).
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(math.ceil(r.request_timeout_s) + _HAPROXY_GRACE_S),
+        # A replica that refused the connection or closed it without a byte of answer: send it elsewhere.
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        "RAY_SERVE_HAPROXY_RETRIES": str(r.retries),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(cfg.observability.haproxy_metrics_port),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{r.deregister_s:g}",
+    }
+
+
+def _autoscaling(cfg: ServiceConfig) -> dict[str, Any]:
+    s = cfg.scaling
+    if s.min_replicas == s.max_replicas:
+        return {"num_replicas": s.min_replicas}
+    return {"autoscaling_config": dict(
+        min_replicas=s.min_replicas,
+        max_replicas=s.max_replicas,
+        initial_replicas=s.initial_replicas,
+        upscale_delay_s=s.upscale_delay_s,
+        downscale_delay_s=s.downscale_delay_s,
+        downscale_to_zero_delay_s=s.downscale_to_zero_delay_s,
+        look_back_period_s=s.look_back_period_s,
+        metrics_interval_s=s.metrics_interval_s,
+        policy=dict(
+            policy_function=AUTOSCALING_POLICY,
+            policy_kwargs=dict(target_ongoing_requests=s.target_ongoing_requests, target_kv_usage=s.target_kv_usage),
+        ),
+    )}
+
+
+def llm_deployment_options(cfg: ServiceConfig) -> dict[str, Any]:
+    s, routing = cfg.scaling, cfg.router.routing
+    return dict(
+        name=LLM_DEPLOYMENT,
+        # The replica's own gate answers 503 beyond scaling.max_ongoing_requests; Serve's limit sits above it
+        # so that no request waits in Serve's queue, out of the gate's sight.
+        max_ongoing_requests=4 * s.max_ongoing_requests,
+        ray_actor_options=dict(
+            num_cpus=s.replica_cpus,
+            num_gpus=s.replica_gpus,
+            runtime_env={"env_vars": replica_env(cfg)},
+        ),
+        health_check_period_s=s.health_check_period_s,
+        health_check_timeout_s=s.health_check_timeout_s,
+        graceful_shutdown_timeout_s=s.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=1,
+        request_router_config=dict(
+            request_router_class=REQUEST_ROUTER,
+            request_router_kwargs={**routing.model_dump(), "metrics": cfg.observability.request_metrics},
+            request_routing_stats_period_s=routing.stats_period_s,
+            request_routing_stats_timeout_s=max(1.0, routing.stats_period_s),
+        ),
+        **_autoscaling(cfg),
+    )
+
+
+def ingress_router_options(cfg: ServiceConfig) -> dict[str, Any]:
+    """The deployment HAProxy asks which replica gets a request (Serve places one per proxy node)."""
+    return dict(name=INGRESS_ROUTER_DEPLOYMENT, max_ongoing_requests=4096,
+                ray_actor_options=dict(num_cpus=cfg.router.num_cpus),
+                # HAProxy logs every request already; a log line per pick cost a fifth of the router's CPU.
+                logging_config=dict(enable_access_log=False))
+
+
+def quota_options(cfg: ServiceConfig) -> dict[str, Any]:
+    """One replica holds every key's buckets, so limits hold for the whole application."""
+    return dict(name=QUOTA_DEPLOYMENT, num_replicas=1, max_ongoing_requests=4096,
+                ray_actor_options=dict(num_cpus=0))

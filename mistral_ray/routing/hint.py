@@ -1,0 +1,116 @@
+"""What a routing policy learns from a request: its prompt's prefix digests, its session, its size.
+
+Pure functions of the request body (as HAProxy hands it to the ingress router) and the session header; the
+replicas use `prompt_text` too, to estimate a request's tokens before the engine has tokenized it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# The OpenAI routes whose prompt we can read, by path.
+PROMPT_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """What the ingress router learned about a request, for the routing policy."""
+
+    prefix: tuple[bytes, ...] = ()  # chained digests of the prompt's leading fixed-size blocks
+    session: Optional[str] = None
+    prompt_chars: int = 0
+    follow_up: bool = True  # False for a chat's first request: nothing of its own can be cached yet
+    picker: Optional[str] = None  # the ingress router that picks (its picks count as load until reported)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts, Responses input items, or a token-id prompt
+        return "".join(_text(v.get("text") or v.get("content")) if isinstance(v, dict) else
+                       (str(v) + " " if isinstance(v, (int, float)) else "") for v in value)
+    return ""
+
+
+def _items(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def prompt_text(route: str, payload: dict[str, Any]) -> str:
+    """The text a prompt's KV cache is keyed by: chat messages in order (role and content), the Responses
+    API's instructions and input, or the completion prompt. Any shape of body gives a string (the router
+    reads bodies no check has seen yet)."""
+    if route == "chat":
+        return "".join(f"{m.get('role')}\x00{_text(m.get('content'))}\x00"
+                       for m in _items(payload.get("messages")) if isinstance(m, dict))
+    if route == "responses":
+        return _text(payload.get("instructions")) + _text(payload.get("input"))
+    return _text(payload.get("prompt"))
+
+
+def is_follow_up(route: str, payload: dict[str, Any]) -> bool:
+    """Does the prompt carry an earlier answer (a chat with an assistant or tool message)? Other routes have
+    no turns to tell, so they count as follow-ups (routed by their prefix)."""
+    if route != "chat":
+        return True
+    return any(isinstance(m, dict) and m.get("role") in ("assistant", "tool") for m in _items(payload.get("messages")))
+
+
+def prefix_blocks(text: str, block_chars: int, max_blocks: int) -> tuple[bytes, ...]:
+    """Chained digests of the text's whole leading blocks: block i's digest covers blocks 0..i, so equal
+    digests mean equal prefixes (as vLLM's block hashes do, in characters since the router has no tokenizer)."""
+    digests: list[bytes] = []
+    previous = b""
+    data = text.encode("utf-8", "surrogatepass")
+    for i in range(min(len(data) // block_chars, max_blocks)):
+        previous = hashlib.blake2b(previous + data[i * block_chars:(i + 1) * block_chars], digest_size=8).digest()
+        digests.append(previous)
+    return tuple(digests)
+
+
+def parse_object(body: bytes) -> Optional[dict[str, Any]]:
+    """The body's JSON object, or None (empty, truncated, not JSON, not an object)."""
+    if not body:
+        return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def hint_from_body(body: bytes, session: Optional[str], block_chars: int, max_blocks: int,
+                   picker: Optional[str] = None) -> RouteHint:
+    """The routing hint of a request. A body that is missing, truncated, unparsable or of a shape no check
+    has refused yet gives a hint with no prefix: the policy then goes by load (and the session header)."""
+    try:
+        return _hint(body, session, block_chars, max_blocks, picker)
+    except (RecursionError, ValueError, TypeError, AttributeError):
+        return RouteHint(session=session, picker=picker)
+
+
+def _hint(body: bytes, session: Optional[str], block_chars: int, max_blocks: int,
+          picker: Optional[str]) -> RouteHint:
+    payload = parse_object(body)
+    route = route_of(payload)
+    if payload is None or route is None:
+        return RouteHint(session=session, picker=picker)
+    user = payload.get("user")
+    text = prompt_text(route, payload)
+    return RouteHint(prefix_blocks(text, block_chars, max_blocks),
+                     session or (user if isinstance(user, str) else None), len(text),
+                     is_follow_up(route, payload), picker)
+
+
+def route_of(payload: Optional[dict[str, Any]]) -> Optional[str]:
+    """HAProxy hands the router the body, not the path: tell the route by the body's fields."""
+    if payload is None:
+        return None
+    if "messages" in payload:
+        return "chat"
+    if "input" in payload:
+        return "responses"
+    return "completions" if "prompt" in payload else None

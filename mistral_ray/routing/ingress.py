@@ -1,0 +1,110 @@
+"""The ingress router: HAProxy asks it once per request which LLM replica gets the request.
+
+HAProxy's Lua action (Ray's `ingress_request_router.lua.tmpl`) POSTs the request's body (up to
+`routing.route_body_bytes`, only when the policy needs it) and the session header to `/internal/route`; we
+answer `{"replica_id": ...}` plus a header HAProxy adds to the forwarded request, naming us as the picker, so
+the replica can report how many of our picks it has received. HAProxy then forwards the client's request
+straight to that replica's own HTTP port: no token ever passes through here. A plain ASGI app (no FastAPI):
+it sits on every request's path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mistral_ray.config import ServiceConfig
+from mistral_ray.metrics import RouteLatency
+from mistral_ray.routing.hint import hint_from_body
+
+logger = logging.getLogger("ray.serve")
+# HAProxy strips client-sent headers with Serve's router prefix and applies the ones we return.
+PICKER_HEADER = "x-serve-router-mistral-ray-picker"
+TRUNCATED_HEADER = b"x-body-truncated"
+
+
+async def _read(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _answer(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class IngressRouter:
+    """One replica per proxy node (Serve places them); the policy's state lives in its Serve request router."""
+
+    def __init__(self, llm: DeploymentHandle, cfg: ServiceConfig):
+        self.llm = llm
+        self.routing = cfg.router.routing
+        self.session_header = self.routing.session_header.lower().encode()
+        self.picker = serve.get_replica_context().replica_id.unique_id
+        self.metrics = RouteLatency(serve.get_replica_context().app_name, self.routing.policy,
+                                      enabled=cfg.observability.request_metrics)
+        llm._init()  # start the handle's request router now, not on the first request
+
+    async def __serve_build_asgi_app__(self):
+        async def app(scope, receive, send):  # a plain function: uvicorn would take a bound method for ASGI2
+            await self.serve_http(scope, receive, send)
+
+        return app
+
+    async def serve_http(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        if scope["path"] == "/internal/route" and scope["method"] == "POST":
+            return await self.route(scope, receive, send)
+        if scope["path"] == "/health":
+            return await _answer(send, 200, {"status": "ok"})
+        await _answer(send, 404, {"detail": "not found"})
+
+    async def route(self, scope, receive, send) -> None:
+        start = time.perf_counter()
+        body = await _read(receive)
+        headers = dict(scope["headers"])
+        session = headers.get(self.session_header)
+        # A truncated body is not JSON: route it by load (and session header), as an unparsable one.
+        hint = hint_from_body(b"" if TRUNCATED_HEADER in headers else body,
+                              session.decode("latin-1") if session else None,
+                              self.routing.block_chars, self.routing.max_prefix_blocks, self.picker)
+        # While Serve knows no replica this waits for one; HAProxy gives up after its router timeout (5 s)
+        # and answers 503. (HAProxy only asks while it lists replicas: an app at zero replicas goes to Serve's
+        # fallback proxy, which waits for the cold start.)
+        try:
+            async with self.llm.choose_replica(hint, _reserve=False) as selection:
+                replica = selection._replica
+        except Exception as exc:  # the deployment failed or went away: HAProxy answers 503
+            logger.warning("ingress router: no replica picked: %s: %s", type(exc).__name__, exc)
+            return await _answer(send, 503, {"detail": f"no replica: {type(exc).__name__}"})
+        host, port = replica.backend_http_endpoint or ("", 0)
+        await _answer(send, 200, {"replica_id": replica.replica_id.to_full_id_str(), "host": host, "port": port,
+                                  "request_headers": {PICKER_HEADER: self.picker}})
+        self.metrics.answered(time.perf_counter() - start)
+
+
+def deployment(cfg: ServiceConfig):
+    from mistral_ray.options import ingress_router_options
+
+    return serve.deployment(serve.ingress()(IngressRouter)).options(**ingress_router_options(cfg))

@@ -1,0 +1,220 @@
+"""Our layer around vLLM's OpenAI app, inside each LLM replica: the replica is the HTTP server HAProxy
+forwards to, and this ASGI middleware is the first code a request meets.
+
+It answers /health and /ready itself; runs the checks (`checks.py`) and answers refusals; gives vLLM the
+(bounded, already read) body; adds the replica header; rewrites every error body into OpenAI's shape; answers
+504 when no first byte comes within `router.request_timeout_s`; and records the request metrics and the load
+routing and autoscaling read. A 2xx body goes out untouched, chunk by chunk as vLLM sends it: per token it
+costs one function call, and nothing holds a first token back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from typing import Awaitable, Callable, Optional
+
+from mistral_ray.metrics import RequestMetrics
+from mistral_ray.routing.ingress import PICKER_HEADER
+from mistral_ray.server.checks import GENERATION, JSON_ROUTES, Admitted, Checks
+from mistral_ray.server.errors import REPLICA_HEADER, Refused, normalized, sse_error
+from mistral_ray.server.load import Inflight, Sequence
+
+logger = logging.getLogger("ray.serve")
+_PICKER = PICKER_HEADER.encode()
+_USAGE = re.compile(rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens)":\s*(\d+)')
+
+
+def usage_of(body: bytes) -> Optional[tuple[int, int]]:
+    """(prompt, completion) tokens from the usage object in a response body or SSE event, if any."""
+    at = body.rfind(b'"usage":{')
+    if at < 0:
+        return None
+    found: dict[bytes, int] = {}
+    for name, value in _USAGE.findall(body, at):
+        found.setdefault(name, int(value))
+    prompt = found.get(b"prompt_tokens", found.get(b"input_tokens"))
+    completion = found.get(b"completion_tokens", found.get(b"output_tokens"))
+    return None if prompt is None else (prompt, completion or 0)
+
+
+def _path(scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _replay(body: bytes, receive):
+    """A receive that hands the app the body we already read, then the client's own messages (disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+class Gate:
+    def __init__(self, app, checks: Checks, load: Inflight, metrics: RequestMetrics, replica_id: str,
+                 ready: Callable[[], Awaitable[None]], request_timeout_s: float, ready_timeout_s: float):
+        self.app, self.checks, self.load, self.metrics = app, checks, load, metrics
+        self.replica_id, self.ready = replica_id, ready
+        self.header = (REPLICA_HEADER.encode(), replica_id.encode())
+        self.request_timeout_s, self.ready_timeout_s = request_timeout_s, ready_timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan: vLLM's app starts its stats logging task
+            return await self.app(scope, receive, send)
+        path = _path(scope)
+        if path == "/health":
+            return await self.answer(send, 200, {"status": "ok"})
+        if path == "/ready":
+            return await self._ready(send)
+        await self._serve(scope, receive, send, path)
+
+    async def answer(self, send, status: int, payload, extra: list = ()) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), self.header,
+            *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _ready(self, send) -> None:
+        try:
+            await asyncio.wait_for(self.ready(), self.ready_timeout_s)
+        except Exception as exc:
+            refusal = Refused(503, f"the engine is not ready: {type(exc).__name__}", code="not_ready")
+            return await self.answer(send, 503, refusal.body())
+        await self.answer(send, 200, {"status": "ready", "replica": self.replica_id})
+
+    async def _serve(self, scope, receive, send, path: str) -> None:
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        route = JSON_ROUTES.get(path, "other")
+        request: Optional[Admitted] = None
+        key_id, status = "unknown", 500
+        self.metrics.started(route)
+        picker = headers.get(_PICKER)  # every request an ingress router sent here, refused or not
+        self.load.arrived(picker.decode() if picker else None)
+        try:
+            key_id = self.checks.authenticate(path, headers)
+            request = await self.checks.admit(route, scope["method"], headers, receive, key_id)
+            status = await self._forward(scope, receive, send, request, start)
+        except Refused as refusal:
+            status = refusal.status
+            if status != 499:  # 499: the client left while sending its body, nobody to answer
+                self.metrics.reject(route, refusal.reason)
+                if status == 401:
+                    logger.info("refused %s %s: missing or unknown API key", scope["method"], path)
+                await self.answer(send, status, refusal.body(), refusal.headers())
+        except asyncio.CancelledError:  # the client disconnected: Serve cancels the request
+            status = 499
+            raise
+        finally:
+            self.metrics.finished(route, status, key_id)
+            if request is not None and request.charge and 400 <= status < 500 and status != 499:
+                self.checks.quota.refund(key_id, request.charge)  # the engine refused it: nothing generated
+
+    async def _forward(self, scope, receive, send, request: Admitted, start: float) -> int:
+        seq = self.load.add(request.prompt_chars)
+        exchange = Exchange(self, send, request, start, seq)
+        app = self.app(scope, _replay(request.body, receive) if scope["method"] == "POST" else receive,
+                       exchange.send)
+        try:
+            if request.route in GENERATION:
+                await self._bounded(app, exchange)
+            else:
+                await app
+        except Exception:  # vLLM's app raised past its own handlers: an engine fault, never the client's
+            logger.exception("%s: the engine failed the request", request.route)
+            await exchange.fail(500, "the engine failed the request", "engine_error")
+        finally:
+            self.load.remove(seq)
+        return exchange.status
+
+    async def _bounded(self, app: Awaitable, exchange: "Exchange") -> None:
+        """Run the app; if no first byte comes within request_timeout_s, cancel it (vLLM aborts the request)."""
+        task = asyncio.ensure_future(app)
+        try:
+            done, _ = await asyncio.wait((task, exchange.first_byte), timeout=self.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                return await task
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self.metrics.reject(exchange.request.route, "timeout")
+            await exchange.fail(504, f"no answer from the engine within {self.request_timeout_s:g}s "
+                                "(router.request_timeout_s)", "timeout")
+        finally:
+            if not task.done():  # the client left (Serve cancelled us): cancelling the app aborts in vLLM
+                task.cancel()
+
+
+class Exchange:
+    """One request's response on its way out: status, header, first byte, usage, error bodies."""
+
+    def __init__(self, gate: Gate, send, request: Admitted, start: float, seq: Sequence):
+        self.gate, self._send, self.request, self.start, self.seq = gate, send, request, start, seq
+        self.status = 500
+        self.started = False  # response headers went out
+        self.first_byte = asyncio.get_running_loop().create_future()
+        self.held: Optional[dict] = None  # an error's start message, held until its body is complete
+        self.error = b""
+
+    async def send(self, message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            if self.status >= 400:
+                self.held = message
+                return
+            message["headers"] = [*message.get("headers", ()), self.gate.header]
+            self.started = True
+            return await self._send(message)
+        if kind != "http.response.body":
+            return await self._send(message)
+        body, more = message.get("body", b""), message.get("more_body", False)
+        if self.held is not None:
+            self.error += body
+            if not more:
+                await self._error()
+            return
+        if body:
+            if not self.first_byte.done():
+                self._first()
+            self.seq.tokens += 1
+            if b'"usage":{' in body and (self.request.stream or not more):
+                self._count(body)
+                if self.request.hide_usage and b'"choices":[]' in body:
+                    return  # the usage chunk we asked for; the client did not
+        if not more and self.status < 400:
+            self.gate.metrics.completed(self.request.route, self.request.stream, time.perf_counter() - self.start)
+        await self._send(message)
+
+    def _first(self) -> None:
+        self.first_byte.set_result(None)
+        self.seq.started = True
+        self.gate.metrics.first_byte(self.request.route, self.request.stream, time.perf_counter() - self.start)
+
+    def _count(self, body: bytes) -> None:
+        usage = usage_of(body)
+        if usage is not None:
+            self.gate.metrics.count_tokens(self.request.route, *usage)
+
+    async def _error(self) -> None:
+        """vLLM's (or FastAPI's) error, rewritten into OpenAI's body; a 4xx here is a validation refusal."""
+        status = self.status
+        if 400 <= status < 500:
+            self.gate.metrics.reject(self.request.route, "validation")
+        await self.gate.answer(self._send, status, normalized(status, self.error))
+        self.started = True
+
+    async def fail(self, status: int, message: str, code: str) -> None:
+        """Answer an error we found ourselves: a body if nothing went out yet, else an SSE error event."""
+        if not self.started and self.held is None:
+            self.status = status
+            return await self.gate.answer(self._send, status, Refused(status, message, code=code).body())
+        if self.started and self.request.stream:
+            await self._send({"type": "http.response.body", "body": sse_error(status, message, code)})

@@ -1,0 +1,114 @@
+"""Admission limits checked before a request costs an engine anything. Pure logic: no Ray, no I/O.
+
+Per API key, two token buckets (requests/min and tokens/min, OpenAI's RPM/TPM): a bucket holds up to one
+minute's allowance and refills continuously, so short bursts pass and sustained excess gets 429 with the
+seconds until enough has refilled. Tokens are counted at admission as OpenAI does: the prompt's estimated
+tokens plus the completion tokens asked for (`max_tokens`, or the model's context when absent); a request
+the engine refuses before generating (a 4xx of its own) is given its charge back.
+Size limits (`max_tokens`, `n`) give 400 with the parameter named.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+from mistral_ray.server.errors import Refused
+
+
+class TokenBucket:
+    def __init__(self, per_minute: float, now: Callable[[], float]):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.level = self.capacity
+        self.now = now
+        self.stamp = now()
+
+    def _refill(self) -> None:
+        t = self.now()
+        self.level = min(self.capacity, self.level + (t - self.stamp) * self.rate)
+        self.stamp = t
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until `amount` is available (0: now). Asking for more than a minute's worth waits for a
+        full bucket, so one big request is possible but not two in a row."""
+        self._refill()
+        needed = min(amount, self.capacity) - self.level
+        return 0.0 if needed <= 0 else needed / self.rate
+
+    def take(self, amount: float) -> float:
+        """Take `amount` (at most a bucket); returns what was taken, for a refund."""
+        taken = min(amount, self.capacity)
+        self.level -= taken
+        return taken
+
+    def give_back(self, amount: float) -> None:
+        self._refill()
+        self.level = min(self.capacity, self.level + amount)
+
+
+class RateLimiter:
+    """Both buckets of every key seen (the QuotaBank holds one for the whole application)."""
+
+    def __init__(self, requests_per_minute: Optional[int], tokens_per_minute: Optional[int], max_keys: int,
+                 now: Callable[[], float] = time.monotonic):
+        self.rpm, self.tpm, self.now, self.max_keys = requests_per_minute, tokens_per_minute, now, max_keys
+        self.buckets: OrderedDict[str, tuple[Optional[TokenBucket], Optional[TokenBucket]]] = OrderedDict()
+
+    def _buckets(self, key_id: str):
+        if key_id not in self.buckets:
+            while len(self.buckets) >= self.max_keys:  # bounded memory even with many distinct keys
+                self.buckets.popitem(last=False)
+            self.buckets[key_id] = (TokenBucket(self.rpm, self.now) if self.rpm else None,
+                                    TokenBucket(self.tpm, self.now) if self.tpm else None)
+        self.buckets.move_to_end(key_id)
+        return self.buckets[key_id]
+
+    def admit(self, key_id: str, tokens: int) -> tuple[float, float]:
+        """Charge one request and `tokens`, or raise Refused(429). Returns the charge (requests, tokens)."""
+        requests, token_bucket = self._buckets(key_id)
+        waits = [(requests.wait_s(1) if requests else 0.0, "requests", self.rpm),
+                 (token_bucket.wait_s(tokens) if token_bucket else 0.0, "tokens", self.tpm)]
+        wait, what, limit = max(waits)
+        if wait > 0:
+            raise Refused(429, f"Rate limit reached for {what} per minute (limit {limit}) on this key; "
+                          f"retry in {math.ceil(wait)}s.", code="rate_limit_exceeded",
+                          retry_after_s=math.ceil(wait), reason="rate_limit")
+        return (requests.take(1) if requests else 0.0, token_bucket.take(tokens) if token_bucket else 0.0)
+
+    def refund(self, key_id: str, charge: tuple[float, float]) -> None:
+        """Give back a charge the engine never used (it refused the request before generating)."""
+        if key_id not in self.buckets:
+            return
+        for bucket, amount in zip(self.buckets[key_id], charge):
+            if bucket is not None and amount:
+                bucket.give_back(amount)
+
+
+def _int_field(payload: dict[str, Any], name: str) -> Optional[int]:
+    value = payload.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_sizes(payload: dict[str, Any], max_tokens: Optional[int], max_n: int) -> None:
+    """`max_tokens`/`max_completion_tokens`/`max_output_tokens` and `n` within the configured limits (types
+    are vLLM's to validate: a wrong type gets its 400 there)."""
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = _int_field(payload, name)
+        if max_tokens is not None and value is not None and value > max_tokens:
+            raise Refused(400, f"{name} is {value}; this server allows at most {max_tokens}.", param=name,
+                          code="max_tokens_too_large")
+    n = _int_field(payload, "n")
+    if n is not None and n > max_n:
+        raise Refused(400, f"n is {n}; this server allows at most {max_n} choices per request.", param="n",
+                      code="n_too_large")
+
+
+def requested_tokens(payload: dict[str, Any], prompt_chars: int, chars_per_token: float, context: int) -> int:
+    """What a request may cost in tokens, counted before it runs: prompt estimate + completion budget x n."""
+    wanted = (_int_field(payload, "max_completion_tokens") or _int_field(payload, "max_tokens")
+              or _int_field(payload, "max_output_tokens") or context)
+    n = max(1, _int_field(payload, "n") or 1)
+    return int(prompt_chars / chars_per_token) + max(0, wanted) * n

@@ -1,0 +1,110 @@
+"""The LLM replica: one vLLM engine, served over HTTP by the replica itself.
+
+The replica is the unit Serve scales, health-checks and routes to. With HAProxy it is the application's
+ingress (direct ingress: Serve gives it a port of its own and HAProxy forwards each request there); without,
+Serve's Python proxy calls the same ASGI app. The app is vLLM's own OpenAI app for this engine, behind our
+gate (`gate.py`). The engine is injected through `engine_factory` so the replica can be exercised without
+vllm; the default factory is the only path that imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Callable, Optional, Protocol
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mistral_ray.config import ServiceConfig
+from mistral_ray.metrics import RequestMetrics
+from mistral_ray.options import llm_deployment_options, vllm_args
+from mistral_ray.server.auth import ApiKeys
+from mistral_ray.server.checks import Checks
+from mistral_ray.server.gate import Gate
+from mistral_ray.server.load import Inflight
+from mistral_ray.server.quota import Quota
+
+
+class Engine(Protocol):
+    def build_app(self) -> Any: ...
+    def info(self) -> dict[str, Any]: ...
+    async def check_health(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+async def start_vllm(cfg: ServiceConfig) -> Engine:
+    from mistral_ray import tiny_model
+    from mistral_ray.engine.vllm_engine import VLLMEngine  # the one place vllm gets imported
+
+    if cfg.model.build_tiny:  # on this replica's node: on a cluster, the builder ran somewhere else
+        tiny_model.ensure(cfg.model.resolved_source())
+    if cfg.engine.device == "cpu" and cfg.engine.cpu_threads:  # the engine's workers inherit this environment
+        os.environ["OMP_NUM_THREADS"] = str(cfg.engine.cpu_threads)
+    return await VLLMEngine.start(vllm_args(cfg), ray_metrics=cfg.observability.engine_metrics,
+                                  max_prompt_tokens=cfg.router.limits.max_prompt_tokens)
+
+
+def replica_id() -> str:
+    """Serve's replica id; the process id when the class runs outside Serve (unit tests)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return f"pid-{os.getpid()}"
+
+
+class LLMServer:
+    """One engine and the gate in front of it; reports its load to Serve's router and autoscaler."""
+
+    # Serve keeps traffic off a replica until its constructor returns, so starting the engine here (async)
+    # is what makes "replica running" mean "engine ready".
+    async def __init__(self, cfg: ServiceConfig, quota: Optional[DeploymentHandle] = None,
+                       engine_factory: Optional[Callable[[ServiceConfig], Awaitable[Engine]]] = None):
+        self.cfg = cfg
+        self.engine = await (engine_factory or start_vllm)(cfg)
+        self.replica_id = replica_id()
+        info = self.engine.info()
+        self.load = Inflight(cfg.router.routing.chars_per_token, info.get("sliding_window"),
+                             (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0),
+                             cfg.scaling.max_ongoing_requests)
+        self.metrics = RequestMetrics(cfg.model.name, enabled=cfg.observability.request_metrics)
+        try:
+            ctx = serve.get_replica_context()
+            self.metrics.configured(ctx.app_name, ctx.deployment, cfg.scaling.max_replicas)
+        except Exception:
+            pass  # outside Serve (unit tests): no deployment to describe
+        keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
+        self.checks = Checks(cfg, keys, Quota(quota) if quota is not None else None, self.load.has_room)
+
+    async def __serve_build_asgi_app__(self):
+        """Serve's hook for a late-bound ingress app: built after the engine started."""
+        return self.gate()
+
+    def gate(self) -> Gate:
+        r = self.cfg.router
+        return Gate(self.engine.build_app(), self.checks, self.load, self.metrics, self.replica_id,
+                    self.engine.check_health, r.request_timeout_s, r.ready_timeout_s)
+
+    def record_routing_stats(self) -> dict:
+        """Serve's controller reads this every `routing.stats_period_s` and passes it to every router."""
+        return self.load.routing_stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler reads this every `scaling.metrics_interval_s` (see autoscaling.py)."""
+        return self.load.stats()
+
+    def info(self) -> dict[str, Any]:
+        return {"replica_id": self.replica_id, **self.engine.info()}
+
+    async def check_health(self) -> None:
+        """Serve's health check: a dead engine core fails it, and Serve replaces the replica."""
+        await self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def deployment(cfg: ServiceConfig):
+    """The LLM deployment, an HTTP ingress of its own, with its Serve options taken from the config."""
+    return serve.deployment(serve.ingress()(LLMServer)).options(**llm_deployment_options(cfg))

@@ -1,0 +1,87 @@
+"""A deployment file works with Ray's own `serve run`, as a Ray user runs it: without our environment (no
+HAProxy), Serve's Python proxy serves the same app correctly; Ctrl-C stops it all."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import yaml
+
+from mistral_ray.bench.targets import free_port
+from mistral_ray.config import PROJECT_ROOT
+from mistral_ray.server.errors import REPLICA_HEADER
+from tests.conftest import CLUSTER_ENV, LOCAL_CPU
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    raw = yaml.safe_load(LOCAL_CPU.read_text())
+    port = free_port()
+    raw["http_options"] = {"host": "127.0.0.1", "port": port}
+    config = tmp_path_factory.mktemp("serve-run") / "local-cpu.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_ENV}  # a plain shell: no data-plane env
+    serve = Path(sys.executable).parent / "serve"
+    log = config.with_suffix(".log").open("w")
+    proc = subprocess.Popen([str(serve), "run", str(config)], cwd=PROJECT_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/ready", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert proc.poll() is None, config.with_suffix(".log").read_text()[-3000:]
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return found
+
+
+def test_serve_run_serves_through_serves_own_proxy(served):
+    base, proc = served
+    assert not any("haproxy" in p.name() for p in session_processes(proc.pid))
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-mistral", messages=[{"role": "user", "content": "hi"}], max_tokens=6)
+    assert raw.headers[REPLICA_HEADER] and raw.parse().usage.completion_tokens == 6
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-mistral", prompt="Once", max_tokens=8, stream=True) if c.choices)
+    assert text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+
+
+def test_ctrl_c_stops_everything(served):
+    _, proc = served
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=90)
+    deadline = time.monotonic() + 30
+    while session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not session_processes(proc.pid)

@@ -1,0 +1,280 @@
+"""The replica's gate around an engine's OpenAI app, with a fake engine (no Ray cluster, no vllm).
+
+Serving is proven for real in tests/integration; this pins the gate's own contract: the checks and their
+error bodies, the replica header, usage accounting, timeouts, engine faults, and the load it reports.
+"""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mistral_ray.config import parse_service
+from mistral_ray.metrics import RequestMetrics
+from mistral_ray.routing.ingress import PICKER_HEADER
+from mistral_ray.server.errors import REPLICA_HEADER
+from mistral_ray.server.replica import LLMServer
+
+
+def vllm_like_app(started: list, cancelled: list) -> FastAPI:
+    """The shapes vLLM's own app answers with: unary JSON with usage, SSE chunks with an optional usage
+    chunk, vLLM's error body (its own `type`, an integer `code`), a slow request, and an exception."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        if body.get("boom"):
+            raise KeyError("engine bug")
+        if body.get("vllm_error"):
+            return JSONResponse({"error": {"message": "temperature must be >= 0", "type": "BadRequestError",
+                                           "param": "temperature", "code": 400}}, status_code=400)
+        if body.get("slow"):
+            started.append(True)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(True)  # where vLLM aborts the request in the engine
+                raise
+        if not body.get("stream"):
+            return {"choices": [{"text": "abc"}], "usage": {"prompt_tokens": 3, "total_tokens": 5,
+                                                             "completion_tokens": 2}}
+
+        async def events():
+            for i in range(3):
+                yield f'data: {{"choices":[{{"text":"{i}"}}],"usage":null}}\n\n'
+                await asyncio.sleep(0.01)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield 'data: {"choices":[],"usage":{"prompt_tokens":7,"total_tokens":10,"completion_tokens":3}}\n\n'
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+class FakeEngine:
+    def __init__(self, healthy=True):
+        self.started, self.cancelled, self.healthy = [], [], healthy
+
+    def build_app(self):
+        return vllm_like_app(self.started, self.cancelled)
+
+    def info(self):
+        return {"num_kv_heads": 2, "sliding_window": 64, "num_kv_blocks": 4, "block_size": 32}
+
+    async def check_health(self):
+        if not self.healthy:
+            raise RuntimeError("engine core died")
+
+    def shutdown(self):
+        pass
+
+
+class Recorded(RequestMetrics):
+    """The real metrics class, switched off, remembering what it was told."""
+
+    def __init__(self):
+        super().__init__("tiny-mistral", enabled=False)
+        self.calls = []
+
+    def count_tokens(self, route, prompt, completion):
+        self.calls.append(("tokens", route, prompt, completion))
+
+    def reject(self, route, reason):
+        super().reject(route, reason)
+        self.calls.append(("reject", route, reason))
+
+    def finished(self, route, status, key_id):
+        super().finished(route, status, key_id)
+        self.calls.append(("finished", route, status, key_id))
+
+
+async def server(engine=None, keys_file=None, **router) -> LLMServer:
+    args = {"router": {**router, "api_keys": {"enabled": True, "file": str(keys_file)}} if keys_file else router}
+    engine = engine or FakeEngine()
+
+    async def factory(cfg):
+        return engine
+
+    s = LLMServer.__new__(LLMServer)
+    await s.__init__(parse_service(args), engine_factory=factory)
+    s.metrics = Recorded()
+    s.engine_ref = engine
+    return s
+
+
+def call(s: LLMServer, method: str, path: str, **kw) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=s.gate())
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            return await client.request(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def openai_error(r: httpx.Response) -> dict:
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    return err
+
+
+def test_unary_answer_carries_the_replica_header_and_counts_tokens():
+    s = asyncio.run(server())
+    r = call(s, "POST", "/v1/completions", json={"model": "tiny-mistral", "prompt": "hi"})
+    assert r.status_code == 200 and r.headers[REPLICA_HEADER] == s.replica_id
+    assert ("tokens", "completions", 3, 2) in s.metrics.calls
+    assert ("finished", "completions", 200, "none") in s.metrics.calls
+
+
+def test_stream_usage_is_counted_and_shown_only_when_asked_for():
+    s = asyncio.run(server())
+    body = {"model": "tiny-mistral", "prompt": "hi", "stream": True}
+    hidden = call(s, "POST", "/v1/completions", json=body).text
+    assert '"usage":{' not in hidden and hidden.count("data: ") == 4 and hidden.endswith("data: [DONE]\n\n")
+    shown = call(s, "POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}).text
+    assert '"usage":{"prompt_tokens":7' in shown
+    assert s.metrics.calls.count(("tokens", "completions", 7, 3)) == 2
+
+
+@pytest.mark.parametrize("body, status, code, param", [
+    (b"{bad", 400, "invalid_json", None),
+    (b"[1, 2]", 400, "invalid_json", None),
+    (b"\xff\xfe", 400, "invalid_json", None),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", None),
+    (b'{"model": "gpt-4", "prompt": "x"}', 404, "model_not_found", "model"),
+    (b'{"prompt": null}', 400, None, "prompt"),
+    (b'{"prompt": "x", "n": 9}', 400, "n_too_large", "n"),
+    (b'{"prompt": "x", "vllm_error": true}', 400, None, "temperature"),
+])
+def test_refusals_are_openai_errors(body, status, code, param):
+    s = asyncio.run(server())
+    r = call(s, "POST", "/v1/completions", content=body)
+    err = openai_error(r)
+    assert r.status_code == status and err["code"] == code and err["param"] == param
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert r.headers[REPLICA_HEADER] == s.replica_id
+
+
+def test_chat_shape_is_checked_before_the_engine():
+    s = asyncio.run(server())
+    for messages, param in [([], "messages"), (None, "messages"), (["x"], "messages.0")]:
+        r = call(s, "POST", "/v1/chat/completions", json={"messages": messages})
+        assert r.status_code == 400 and openai_error(r)["param"] == param
+
+
+def test_body_over_the_limit_is_413_declared_or_counted():
+    s = asyncio.run(server(limits={"max_body_bytes": 1024}))
+    assert openai_error(r := call(s, "POST", "/v1/completions", content=b"x" * 2048))["code"] == "request_too_large"
+    assert r.status_code == 413
+
+    async def chunks():
+        for _ in range(4):
+            yield b"y" * 512
+
+    r = call(s, "POST", "/v1/completions", content=chunks())  # no content-length: counted while read
+    assert r.status_code == 413
+
+
+def test_framework_errors_are_rewritten():
+    s = asyncio.run(server())
+    r = call(s, "GET", "/v1/nowhere")
+    assert r.status_code == 404 and openai_error(r)["type"] == "not_found_error"
+    r = call(s, "GET", "/v1/completions")
+    assert r.status_code == 405 and openai_error(r)["message"]
+
+
+def test_api_keys(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("team-a:sk-aaaaaaaaaaaa\n")
+    s = asyncio.run(server(keys_file=keys))
+    body = {"model": "tiny-mistral", "prompt": "hi"}
+    for auth in [None, "Bearer sk-wrong", "Basic sk-aaaaaaaaaaaa"]:
+        r = call(s, "POST", "/v1/completions", json=body, headers={"authorization": auth} if auth else {})
+        assert r.status_code == 401 and openai_error(r)["code"] == "invalid_api_key"
+    assert call(s, "GET", "/v1/models").status_code == 401  # every route but the probes
+    assert call(s, "GET", "/health").status_code == 200
+    r = call(s, "POST", "/v1/completions", json=body, headers={"authorization": "Bearer sk-aaaaaaaaaaaa"})
+    assert r.status_code == 200
+    assert ("finished", "completions", 200, "team-a") in s.metrics.calls
+
+
+def test_full_replica_answers_503_with_retry_after():
+    s = asyncio.run(server())
+    s.load.max_ongoing = 0
+    r = call(s, "POST", "/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and openai_error(r)["code"] == "overloaded"
+
+
+def test_no_first_byte_in_time_is_504_and_the_engine_request_is_cancelled():
+    s = asyncio.run(server(request_timeout_s=0.3))
+    r = call(s, "POST", "/v1/completions", json={"prompt": "hi", "slow": True})
+    assert r.status_code == 504 and openai_error(r)["code"] == "timeout"
+    assert s.engine_ref.started and s.engine_ref.cancelled == [True]
+    assert ("reject", "completions", "timeout") in s.metrics.calls
+
+
+def test_an_engine_fault_is_a_500_not_the_clients_fault():
+    s = asyncio.run(server())
+    r = call(s, "POST", "/v1/completions", json={"prompt": "hi", "boom": True})
+    assert r.status_code == 500 and openai_error(r)["type"] == "server_error"
+    assert call(s, "POST", "/v1/completions", json={"prompt": "still here?"}).status_code == 200
+
+
+def test_health_and_ready():
+    s = asyncio.run(server())
+    assert call(s, "GET", "/health").json() == {"status": "ok"}
+    assert call(s, "GET", "/ready").json() == {"status": "ready", "replica": s.replica_id}
+    sick = asyncio.run(server(FakeEngine(healthy=False)))
+    r = call(sick, "GET", "/ready")
+    assert r.status_code == 503 and openai_error(r)["code"] == "not_ready"
+
+
+def test_load_counts_waiting_running_windowed_kv_and_arrivals():
+    async def go():
+        s = await server()
+        gate = s.gate()
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            body = {"prompt": "p" * 4000, "slow": True}  # ~1000 tokens, parked in the engine: waiting
+            task = asyncio.create_task(client.post("/v1/completions", json=body,
+                                                   headers={PICKER_HEADER: "router-1"}))
+            while not s.engine_ref.started:
+                await asyncio.sleep(0.01)
+            stats = s.record_routing_stats()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return s, stats
+
+    s, stats = asyncio.run(go())
+    assert (stats["waiting"], stats["running"]) == (1, 0)
+    # KV counts min(length, W=64) per sequence on 4 x 32 = 128 token slots.
+    assert stats["kv_usage"] == pytest.approx(64 / 128)
+    assert stats["arrivals"] == {"router-1": 1}
+    assert set(s.record_autoscaling_stats()) == {"waiting", "running", "kv_usage"}
+
+
+def test_serving_modules_do_not_import_vllm_or_torch():
+    code = (
+        "import sys, mistral_ray.app, mistral_ray.server.replica, mistral_ray.routing.ingress, mistral_ray.cli;"
+        "heavy = {'vllm', 'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_metrics_switched_off_declare_nothing():
+    from mistral_ray import metrics
+
+    off = metrics.RequestMetrics("m", enabled=False)
+    assert all(isinstance(getattr(off, n), metrics._Off)
+               for n in ("requests", "in_flight", "ttft", "e2e", "rejected", "tokens"))
+    off.started("chat")
+    off.finished("chat", 200, "k")
+    off.reject("chat", "auth")
+    assert off._in_flight == {"chat": 0}
+    assert isinstance(metrics.RoutingMetrics("a", "pow2", enabled=False).decisions, metrics._Off)
