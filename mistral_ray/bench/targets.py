@@ -99,14 +99,16 @@ def _ours(label: str, policy: str, replicas: int, workdir: Path) -> Target:
     args["router"]["api_keys"].update(enabled=True, file=str(keys))
     ports = _local_ports()
     metrics_port, port = free_port(), free_port()
-    args["observability"].update(metrics_export_port=metrics_port, metrics_report_interval_ms=1000,
+    # Metrics pushed as the deployment file says (not faster: pushing costs CPU the engine would use).
+    args["observability"].update(metrics_export_port=metrics_port,
                                  haproxy_metrics_port=int(ports.pop("RAY_SERVE_HAPROXY_METRICS_PORT")))
+    lag_s = args["observability"]["metrics_report_interval_ms"] / 1000 + 1.5
     raw["applications"][0]["args"] = args
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
     config = workdir / f"{label}.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     proc = _spawn([sys.executable, "-m", "mistral_ray.cli", "run", str(config)], workdir / f"{label}.log", ports)
-    return Target(label, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, 2.5)
+    return Target(label, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, lag_s)
 
 
 def vllm_cli_args(cfg: ServiceConfig) -> list[str]:
