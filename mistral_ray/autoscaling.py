@@ -37,7 +37,7 @@ def desired_replicas(
 class LLMAutoscalingPolicy:
     """`autoscaling_config.policy.policy_function`; Serve builds it once with `policy_kwargs`."""
 
-    def __init__(self, target_ongoing_requests: float = 16, target_kv_usage: float = 0.8):
+    def __init__(self, target_ongoing_requests: float, target_kv_usage: float):
         self.target_ongoing_requests = target_ongoing_requests
         self.target_kv_usage = target_kv_usage
 
@@ -47,6 +47,4 @@ class LLMAutoscalingPolicy:
             stats, self.target_ongoing_requests, self.target_kv_usage, queued_elsewhere=ctx.total_num_requests,
         )
         bounded = max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, wanted))
-        state = dict(ctx.policy_state or {})
-        state["last_wanted"] = wanted
-        return bounded, state
+        return bounded, dict(ctx.policy_state or {})

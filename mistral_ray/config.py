@@ -40,15 +40,25 @@ class ModelConfig(_Strict):
     )
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of `source`.")
     build_tiny: bool = Field(
-        True,
-        description="Build the embedded tiny Mistral at `source` when the directory is missing "
-        "(laptops and tests; no downloads). Must be false for hub checkpoints.",
+        False,
+        description="Build the embedded tiny Mistral (random weights) at `source` when that directory is "
+        "missing or empty, for laptops and tests (no downloads). An explicit choice: `source` must then be a "
+        "local path (absolute, or starting with `.`), and an existing checkpoint there is never replaced.",
     )
+
+    @model_validator(mode="after")
+    def _tiny_needs_a_local_path(self) -> "ModelConfig":
+        if self.build_tiny and not (self.source.startswith(".") or Path(self.source).is_absolute()):
+            raise ValueError(
+                f"build_tiny builds the random tiny model into `source`, which must then be a local path "
+                f"(absolute or starting with .); {self.source!r} reads as a hub checkpoint: set build_tiny: false"
+            )
+        return self
 
     def resolved_source(self) -> str:
         """An absolute path for local checkpoints; hub ids are passed through."""
         path = Path(self.source)
-        if path.is_absolute() or self.build_tiny or self.source.startswith("."):
+        if path.is_absolute() or self.source.startswith("."):
             return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
         local = PROJECT_ROOT / path
         return str(local.resolve()) if local.exists() else self.source
@@ -109,9 +119,15 @@ class ScalingConfig(_Strict):
     initial_replicas: Optional[int] = Field(None, ge=0, description="Replicas at start; default min.")
     replica_cpus: float = Field(
         0.5, ge=0, description="Ray CPUs reserved per LLM replica. The CPU default fits two replicas on a "
-        "2-core machine; the engine's threads are not limited by it."
+        "2-core machine; the engine's threads are not limited by it. With replica_gpus, what keeps replicas "
+        "off a head that offers Ray no CPU and no GPU (the RayService's and `mistral-ray run --nodes`'s)."
     )
     replica_gpus: float = Field(0, ge=0, description="Ray GPUs reserved per LLM replica.")
+    placement: Literal["spread", "pack"] = Field(
+        "spread", description="spread: replicas go to different worker nodes while there are free ones (a lost "
+        "node takes fewer replicas with it); pack: as few nodes as possible (Ray Serve's compact scheduling, "
+        "for freeing whole nodes). A property of the Ray cluster's environment, like the data plane."
+    )
     max_ongoing_requests: int = Field(
         64, ge=1, description="Requests one replica holds at once (running in its engine's batch or waiting "
         "in the engine's queue); more get 503 with Retry-After, so memory stays bounded."
@@ -138,9 +154,16 @@ class ScalingConfig(_Strict):
     health_check_timeout_s: float = Field(
         30, gt=0, description="A replica whose engine does not answer a health check within this is replaced."
     )
+    start_timeout_s: float = Field(
+        600, gt=0, description="How long `mistral-ray run` waits for the first replica to answer (a 7B "
+        "checkpoint's download and load take minutes)."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "ScalingConfig":
+        if self.replica_cpus <= 0 and self.replica_gpus <= 0:
+            raise ValueError("replica_cpus or replica_gpus must be > 0: a replica that reserves nothing could "
+                             "land on the head node")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         init = self.initial_replicas
@@ -229,6 +252,10 @@ class LimitsConfig(_Strict):
         "the whole application; 429 with Retry-After beyond. null: no limit."
     )
     max_keys: int = Field(100_000, ge=1, description="Keys whose buckets are kept (least recently seen go).")
+    quota_timeout_s: float = Field(
+        2.0, gt=0, description="How long a replica waits for the QuotaBank's answer; past it the request is "
+        "admitted without a rate check and a warning logged (the bank is being restarted)."
+    )
 
     @property
     def rate_limited(self) -> bool:

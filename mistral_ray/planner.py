@@ -7,9 +7,9 @@ KV (vLLM frees blocks that slid out of the window), so concurrency at long conte
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -132,11 +132,30 @@ def report(p: Plan) -> str:
 
 
 def write_into(deployment_file: str | Path, p: Plan) -> None:
-    """Set scaling.max_replicas and engine.max_num_seqs in a deployment file, keeping its comments."""
+    """Set scaling.max_replicas and engine.max_num_seqs of the file's mistral-ray application, editing it as
+    YAML (round trip: comments, key order and the other applications stay as they were). A result that
+    does not validate is not written."""
+    from ruamel.yaml import YAML
+
+    from mistral_ray.config import APP_IMPORT_PATH, load_deployment
+
     path = Path(deployment_file)
-    text = path.read_text()
-    for key, value in (("max_replicas", max(p.replicas, 1)), ("max_num_seqs", max(p.max_seqs_per_replica, 1))):
-        text, n = re.subn(rf"(?m)^(\s+{key}:\s*)\d+", rf"\g<1>{value}", text, count=1)
-        if n != 1:
-            raise ValueError(f"{path}: no `{key}:` line to update")
-    path.write_text(text)
+    original = path.read_text()
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)  # the `  - name:` style of Serve config files
+    doc = rt.load(original)
+    apps = [a for a in doc.get("applications") or [] if a.get("import_path") == APP_IMPORT_PATH]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected one application with import_path {APP_IMPORT_PATH}")
+    args = apps[0].setdefault("args", {})
+    args.setdefault("scaling", {})["max_replicas"] = max(p.replicas, 1)
+    args.setdefault("engine", {})["max_num_seqs"] = max(p.max_seqs_per_replica, 1)
+    buffer = io.StringIO()
+    rt.dump(doc, buffer)
+    path.write_text(buffer.getvalue())
+    try:
+        load_deployment(path)
+    except Exception:
+        path.write_text(original)
+        raise

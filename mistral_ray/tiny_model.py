@@ -117,10 +117,11 @@ def build(out_dir: str | Path) -> Path:
 
 
 def ensure(out_dir: str | Path) -> Path:
-    """Build unless present. Safe when several replicas on one node race: each builds into its own
-    temporary directory and the first rename wins (the builds are byte-identical anyway)."""
+    """Build unless something is there already: an existing directory with any file in it (the tiny model,
+    or a real checkpoint someone put there) is never replaced. Safe when several replicas on one node race:
+    each builds into its own temporary directory and the first rename wins (the builds are byte-identical)."""
     out = Path(out_dir)
-    if (out / "model.safetensors").exists():
+    if out.is_dir() and any(out.iterdir()):
         return out
     tmp = _build_into(out)
     try:

@@ -8,19 +8,54 @@ where vLLM would silently shorten max_tokens.
 
 from __future__ import annotations
 
+import logging
 import types
+from http import HTTPStatus
 from typing import Any, Optional
 
 from starlette.datastructures import State
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.usage.usage_lib import UsageContext
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+logger = logging.getLogger("ray.serve")
+# Python's own bug exceptions: raised by vLLM's code, never by a client's input. vLLM answers TypeError with a
+# 400 (and in a stream's error event); the checks before the engine refuse what clients can get wrong, so
+# one of these means vLLM (or we) broke: a 500 that error-rate alerts see.
+ENGINE_FAULTS = (TypeError, KeyError, AttributeError, IndexError)
+
+
+def engine_fault_error(exc: BaseException) -> ErrorResponse:
+    logger.error("engine fault: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return create_error_response(f"internal error in the engine: {type(exc).__name__}: {exc}",
+                                 "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def _faults_are_500(serving: Any) -> None:
+    """Make `serving.create_error_response` (also behind its stream error events) answer an engine fault
+    with 500, not vLLM's 400."""
+    inner = serving.create_error_response
+
+    def create(message, *args, **kwargs):
+        if isinstance(message, ENGINE_FAULTS):
+            return engine_fault_error(message)
+        return inner(message, *args, **kwargs)
+
+    serving.create_error_response = create
+
+
+async def _fault_handler(_: Request, exc: Exception) -> JSONResponse:
+    err = engine_fault_error(exc)
+    return JSONResponse(err.model_dump(), status_code=err.error.code)
 
 
 def server_args(vllm_args: dict[str, Any]):
@@ -78,6 +113,10 @@ class VLLMEngine:
             serving = getattr(state, name, None)
             if serving is not None:
                 _reject_overlong(serving, render, max_prompt_tokens)
+        for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses",
+                     "serving_tokenization"):
+            if getattr(state, name, None) is not None:
+                _faults_are_500(getattr(state, name))
 
     @classmethod
     async def start(cls, vllm_args: dict[str, Any], ray_metrics: bool = False,
@@ -103,6 +142,8 @@ class VLLMEngine:
         """vLLM's OpenAI app (FastAPI) sharing this engine's serving state."""
         app = build_app(self.args, supported_tasks=self.tasks, model_config=self.llm.model_config)
         app.state._state.update(self.state._state)
+        for fault in ENGINE_FAULTS:  # those that reach the app's own handlers (TypeError: vLLM's 400)
+            app.add_exception_handler(fault, _fault_handler)
         # vLLM's engine-error handler flips `state.server.should_exit` (uvicorn's flag in `vllm serve`); here
         # Serve's health check replaces a replica whose engine died, but the attribute must exist.
         app.state.server = types.SimpleNamespace()

@@ -5,8 +5,8 @@ buckets; each LLM replica asks it once per generation request, before the engine
 a charge back when the engine refused the request without generating. Only deployments with a rate limit
 configured have a bank, and only they pay the one handle call per request.
 
-If the bank cannot answer within `_ASK_TIMEOUT_S` (it is being restarted), the request is admitted and a
-warning logged: a limit that briefly does not hold is better than an endpoint that stops serving.
+If the bank cannot answer within `limits.quota_timeout_s` (it is being restarted), the request is admitted
+and a warning logged: a limit that briefly does not hold is better than an endpoint that stops serving.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from mistral_ray.server.errors import Refused
 from mistral_ray.server.limits import RateLimiter
 
 logger = logging.getLogger("ray.serve")
-_ASK_TIMEOUT_S = 2.0
 Charge = tuple[float, float]
 
 
@@ -47,13 +46,13 @@ class QuotaBank:
 class Quota:
     """A replica's view of the bank."""
 
-    def __init__(self, bank: DeploymentHandle):
-        self.bank = bank
+    def __init__(self, bank: DeploymentHandle, timeout_s: float):
+        self.bank, self.timeout_s = bank, timeout_s
 
     async def admit(self, key_id: str, tokens: int) -> Optional[Charge]:
         """The charge taken, None if the bank did not answer in time; raises Refused(429) over the limit."""
         try:
-            charge, refused = await asyncio.wait_for(self.bank.admit.remote(key_id, tokens), _ASK_TIMEOUT_S)
+            charge, refused = await asyncio.wait_for(self.bank.admit.remote(key_id, tokens), self.timeout_s)
         except Exception as exc:
             logger.warning("quota bank unavailable (%s); request admitted without a rate check", type(exc).__name__)
             return None

@@ -69,11 +69,12 @@ class LLMServer:
         self.metrics = RequestMetrics(cfg.model.name, enabled=cfg.observability.request_metrics)
         try:
             ctx = serve.get_replica_context()
-            self.metrics.configured(ctx.app_name, ctx.deployment, cfg.scaling.max_replicas)
+            self.metrics.configured(ctx.app_name, ctx.deployment, cfg.scaling.min_replicas, cfg.scaling.max_replicas)
         except Exception:
             pass  # outside Serve (unit tests): no deployment to describe
         keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
-        self.checks = Checks(cfg, keys, Quota(quota) if quota is not None else None, self.load.has_room)
+        bank = Quota(quota, cfg.router.limits.quota_timeout_s) if quota is not None else None
+        self.checks = Checks(cfg, keys, bank, self.load.has_room)
 
     async def __serve_build_asgi_app__(self):
         """Serve's hook for a late-bound ingress app: built after the engine started."""

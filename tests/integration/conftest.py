@@ -55,10 +55,11 @@ def llm_handle(app):
 def extra_app(app, name: str, **updates):
     """A second application beside the session app on the same cluster (own name, route prefix and model
     name, so its engines' metrics can be told apart). `updates` patch sections of the config's args.
-    Its replicas reserve no Ray CPUs: the session app already holds what this 2-core machine offers."""
+    Its replicas reserve a sliver of a Ray CPU: the session app already holds most of what this 2-core
+    machine offers."""
     args = app.deployment.service.model_dump()
     args["model"]["name"] = f"tiny-mistral-{name}"
-    args["scaling"]["replica_cpus"] = 0
+    args["scaling"]["replica_cpus"] = 0.1
     for section, values in updates.items():
         for key, value in values.items():
             if isinstance(value, dict):

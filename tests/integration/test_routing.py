@@ -1,9 +1,8 @@
-"""Routing policies on real replicas: pow2 balances a uniform load; prefix_affinity keeps each conversation
-on the replica holding its KV prefix and raises the engines' prefix-cache hit rate over pow2.
-
-Named to run after the chaos test (a replica killed and replaced) and the overload burst: that is where the
-router once split a uniform load 107 / 53, while Serve's queue-length cache fed its load figure (it now
-counts its own in-flight requests; 79 / 81 after the same two tests)."""
+"""Routing policies on real replicas, through HAProxy and the ingress router: pow2 balances a uniform load;
+prefix_affinity keeps each conversation on the replica holding its KV prefix and raises the engines'
+prefix-cache hit rate over pow2. Each test holds whatever ran before it (the chaos test's replaced replica,
+the overload burst): after a replica loss pow2 once split a uniform load 116 / 44 (HAProxy had redispatched
+the lost replica's picks to the survivor, hiding its next picks); the module also passes alone."""
 
 import asyncio
 import time

@@ -29,6 +29,6 @@ def test_policy_bounds_by_min_and_max_and_keeps_state():
     policy = LLMAutoscalingPolicy(target_ongoing_requests=2, target_kv_usage=0.8)
     ctx = SimpleNamespace(aggregated_metrics=stats([10], [10], [0.2]), total_num_requests=20,
                           capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4, policy_state={})
-    assert policy(ctx) == (4, {"last_wanted": 10})
+    assert policy(ctx) == (4, {})  # 10 wanted, capped at max
     ctx.aggregated_metrics, ctx.total_num_requests = stats([0], [0], [0.0]), 0
     assert policy(ctx)[0] == 1

@@ -52,8 +52,21 @@ def test_mistral_7b_file():
     assert "VLLM_CPU_KVCACHE_SPACE" not in opts["ray_actor_options"]["runtime_env"]["env_vars"]
 
 
+def test_a_hub_checkpoint_is_never_the_tiny_model(tmp_path):
+    # A file that names only a hub checkpoint serves that checkpoint: building the random tiny model in its
+    # place is a choice the file must make, and it cannot make it for a hub id.
+    svc = parse_service({"model": {"name": "mistralai/Mistral-7B-Instruct-v0.1",
+                                   "source": "mistralai/Mistral-7B-Instruct-v0.1"}})
+    assert svc.model.build_tiny is False and vllm_args(svc)["model"] == "mistralai/Mistral-7B-Instruct-v0.1"
+    with pytest.raises(ConfigError, match=r"applications\[0\]\.args\.model: .*build_tiny.*reads as a hub checkpoint"):
+        load_deployment(write(tmp_path, {"model": {"source": "mistralai/Mistral-7B-Instruct-v0.1",
+                                                   "build_tiny": True}}))
+    assert load_deployment(DEPLOYMENTS / "local-cpu.yaml").service.model.build_tiny  # the laptop file says so
+
+
 def test_local_source_resolves_to_absolute_path():
     svc = ServiceConfig()
+    assert not svc.model.build_tiny  # building the tiny model is never a default
     assert Path(vllm_args(svc)["model"]).is_absolute()
     assert vllm_args(svc)["model"] == str(PROJECT_ROOT / ".state/models/tiny-mistral")
 
@@ -74,7 +87,9 @@ def test_cluster_env_turns_the_data_plane_on_from_the_config():
     assert env["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] == "40" and env["RAY_SERVE_HAPROXY_RETRIES"] == "2"
     affinity = cluster_env(parse_service({"router": {"routing": {"policy": "prefix_affinity"}}}))
     assert affinity["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] == "1"
-    assert cluster_env(parse_service({"router": {"haproxy": False}})) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert env["RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY"] == "0"  # spread replicas over worker nodes
+    assert cluster_env(parse_service({"router": {"haproxy": False}, "scaling": {"placement": "pack"}})) == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1"}
 
 
 @pytest.mark.parametrize(
@@ -89,6 +104,8 @@ def test_cluster_env_turns_the_data_plane_on_from_the_config():
         ({"scaling": {"initial_replicas": 5, "max_replicas": 2}}, "initial_replicas (5) outside"),
         ({"engine": {"device": "cuda"}}, "replica_gpus must be >= engine.tensor_parallel_size"),
         ({"scaling": {"replica_gpus": 1}}, "replica_gpus must be 0 on device cpu"),
+        ({"scaling": {"replica_cpus": 0}}, "replica_cpus or replica_gpus must be > 0"),
+        ({"scaling": {"placement": "random"}}, "scaling.placement"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, args, field):

@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -95,7 +96,28 @@ class Recorded(RequestMetrics):
         self.calls.append(("finished", route, status, key_id))
 
 
-async def server(engine=None, keys_file=None, **router) -> LLMServer:
+class Bank:
+    """A QuotaBank behind a stand-in for its Serve handle: the replica calls `bank.<method>.remote(...)`."""
+
+    def __init__(self, **limits):
+        from mistral_ray.config import LimitsConfig
+        from mistral_ray.server.quota import QuotaBank
+
+        self.real = QuotaBank(LimitsConfig(**limits))
+        self.calls = []
+
+        async def admit(*args):
+            self.calls.append(("admit", *args))
+            return self.real.admit(*args)
+
+        def refund(*args):
+            self.calls.append(("refund", *args))
+            self.real.refund(*args)
+
+        self.admit, self.refund = SimpleNamespace(remote=admit), SimpleNamespace(remote=refund)
+
+
+async def server(engine=None, keys_file=None, bank=None, **router) -> LLMServer:
     args = {"router": {**router, "api_keys": {"enabled": True, "file": str(keys_file)}} if keys_file else router}
     engine = engine or FakeEngine()
 
@@ -103,7 +125,7 @@ async def server(engine=None, keys_file=None, **router) -> LLMServer:
         return engine
 
     s = LLMServer.__new__(LLMServer)
-    await s.__init__(parse_service(args), engine_factory=factory)
+    await s.__init__(parse_service(args), bank, engine_factory=factory)
     s.metrics = Recorded()
     s.engine_ref = engine
     return s
@@ -209,6 +231,32 @@ def test_full_replica_answers_503_with_retry_after():
     s.load.max_ongoing = 0
     r = call(s, "POST", "/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and openai_error(r)["code"] == "overloaded"
+
+
+def test_quota_is_charged_only_for_admitted_requests_and_given_back_when_the_engine_refuses():
+    bank = Bank(requests_per_minute=10, tokens_per_minute=10_000, max_keys=10)
+    s = asyncio.run(server(bank=bank))
+    body = {"prompt": "hi", "max_tokens": 10}
+    s.load.max_ongoing = 0  # full: 503 before the bank is asked
+    assert call(s, "POST", "/v1/completions", json=body).status_code == 503
+    assert call(s, "POST", "/v1/completions", json={"prompt": "hi", "n": 99}).status_code == 400  # sizes first
+    assert bank.calls == []
+    s.load.max_ongoing = 64
+    assert call(s, "POST", "/v1/completions", json=body).status_code == 200
+    assert bank.calls == [("admit", "none", 10)] and bank.real.limiter.buckets["none"][0].level == 9
+    # vLLM refuses it (its own 400) before generating: the charge comes back.
+    r = call(s, "POST", "/v1/completions", json={**body, "vllm_error": True})
+    assert r.status_code == 400 and bank.calls[-1] == ("refund", "none", (1.0, 10.0))
+    assert bank.real.limiter.buckets["none"][0].level == pytest.approx(9, abs=0.01)
+
+
+def test_rate_limit_answers_429_with_retry_after():
+    bank = Bank(requests_per_minute=1, max_keys=10)
+    s = asyncio.run(server(bank=bank))
+    assert call(s, "POST", "/v1/completions", json={"prompt": "hi"}).status_code == 200
+    r = call(s, "POST", "/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert openai_error(r)["code"] == "rate_limit_exceeded" and ("reject", "completions", "rate_limit") in s.metrics.calls
 
 
 def test_no_first_byte_in_time_is_504_and_the_engine_request_is_cancelled():

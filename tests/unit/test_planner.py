@@ -74,6 +74,38 @@ def test_param_count_matches_the_tiny_model_weights(tmp_path):
     assert planner.ModelShape.from_hf_config(model).num_params == actual
 
 
+def test_write_into_edits_our_app_wherever_its_keys_are(tmp_path):
+    # Another application first (with max_replicas of its own), and `router:` before `scaling:` in ours:
+    # a regex on the first `max_replicas:` line would have changed the other application.
+    path = tmp_path / "d.yaml"
+    path.write_text("""# two apps in one Serve config
+applications:
+  - name: other
+    import_path: other:app
+    deployments:
+      - name: Other
+        autoscaling_config:
+          max_replicas: 9   # theirs
+  - name: mistral
+    import_path: mistral_ray.app:build_app
+    args:
+      router:
+        routing: {policy: pow2}
+      engine:
+        max_num_seqs: 8
+      scaling:
+        min_replicas: 1
+        max_replicas: 2     # ours
+""")
+    p = planner.plan(planner.PRESETS["mistral-7b-v0.1"], 32768, 300, gpu_memory_gib=80)
+    planner.write_into(path, p)
+    text = path.read_text()
+    assert "max_replicas: 9   # theirs" in text and "# two apps in one Serve config" in text
+    svc = load_deployment(path).service
+    assert svc.scaling.max_replicas == p.replicas and svc.engine.max_num_seqs == p.max_seqs_per_replica
+    assert text.index("router:") < text.index("engine:") < text.index("scaling:")  # order kept
+
+
 def test_write_into_keeps_comments(tmp_path):
     path = tmp_path / "d.yaml"
     path.write_text((PROJECT_ROOT / "deployments" / "mistral-7b-instruct-v0.1.yaml").read_text())

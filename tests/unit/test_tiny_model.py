@@ -58,3 +58,13 @@ def test_ensure_does_not_rebuild(built):
     before = (built / "model.safetensors").stat().st_mtime_ns
     assert tiny_model.ensure(built) == built
     assert (built / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_ensure_never_replaces_a_checkpoint_that_is_there(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text('{"model_type": "mistral", "hidden_size": 4096}')
+    (real / "model-00001-of-00002.safetensors").write_bytes(b"weights")
+    assert tiny_model.ensure(real) == real
+    assert sorted(p.name for p in real.iterdir()) == ["config.json", "model-00001-of-00002.safetensors"]
+    assert json.loads((real / "config.json").read_text())["hidden_size"] == 4096
