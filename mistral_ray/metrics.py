@@ -71,10 +71,17 @@ class RequestMetrics:
             "scaling.max_replicas of the deployment, from the config (for 'pinned at max').",
             ("application", "deployment"),
         )
+        self.min_replicas = _declare(
+            enabled, metrics.Gauge, "mistral_ray_config_min_replicas",
+            "scaling.min_replicas of the deployment, from the config (for 'replica down').",
+            ("application", "deployment"),
+        )
         self._in_flight: dict[str, int] = {}
 
-    def configured(self, application: str, deployment: str, max_replicas: int) -> None:
-        self.max_replicas.set(max_replicas, tags={"application": application, "deployment": deployment})
+    def configured(self, application: str, deployment: str, min_replicas: int, max_replicas: int) -> None:
+        tags = {"application": application, "deployment": deployment}
+        self.min_replicas.set(min_replicas, tags=tags)
+        self.max_replicas.set(max_replicas, tags=tags)
 
     def started(self, route: str) -> None:
         n = self._in_flight.get(route, 0) + 1

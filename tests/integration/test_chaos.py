@@ -1,12 +1,17 @@
-"""Replica failure under load: 2 replicas serve a steady, bounded load of non-streamed requests; one replica's
-actor is killed. No request fails (the ones it held are retried once on the other), Serve replaces it, and
-the deployment is back to 2 replicas."""
+"""Replica failure under load: 2 replicas serve a steady, bounded load of non-streamed requests and streams;
+the replica serving a stream is killed. No non-streamed request fails (HAProxy sends the ones it held to the
+other replica), every stream ends (cut ones end at once, never hang), the cut streams are counted as the
+failures they are (HAProxy's server aborts, which the error-ratio rule adds to 5xx), Serve replaces the
+replica, and the deployment is back to 2 replicas."""
 
+import re
 import threading
 import time
 
 import httpx
 import pytest
+
+from mistral_ray.server.errors import REPLICA_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -20,40 +25,79 @@ def llm_replicas(app_name: str) -> dict[str, int]:
     return {str(getattr(k, "value", k)): v for k, v in states.items()}
 
 
-def test_killing_a_replica_loses_no_request(app, base_url, model_name):
+def server_aborts(app) -> float:
+    """HAProxy's count of answers its replicas cut, for this app's backends."""
+    port = app.deployment.service.observability.haproxy_metrics_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    name = app.deployment.app_name
+    return sum(float(v) for v in re.findall(
+        r'^haproxy_backend_server_aborts_total\{proxy="http-' + re.escape(name) + r'[^"]*"\} (\S+)$', text, re.M))
+
+
+def test_killing_a_replica_loses_no_request_and_counts_cut_streams(app, base_url, model_name):
     import ray
 
     app_name = app.deployment.app_name
-    victims = [a for a in ray.util.list_named_actors(all_namespaces=True)
-               if f"#{app_name}#LLMServer#" in a["name"] or f"{app_name}#LLMServer" in a["name"]]
-    assert len(victims) == 2, victims
-    results, stop, killed_at = [], threading.Event(), []
-    served_by = set()
+    actors = {a["name"].rsplit("#", 1)[-1]: a for a in ray.util.list_named_actors(all_namespaces=True)
+              if f"#{app_name}#LLMServer#" in a["name"]}
+    assert len(actors) == 2, actors
+    results, streams, streaming_now, stop, killed_at = [], [], {}, threading.Event(), []
+    aborts_before = server_aborts(app)
 
     def user():
         with httpx.Client(timeout=300) as client:
             while not stop.is_set():
                 r = client.post(f"{base_url}/v1/completions",
                                 json={"model": model_name, "prompt": "chaos", "max_tokens": 24, "ignore_eos": True})
-                results.append((time.monotonic(), r.status_code, r.text[:200] if r.status_code != 200 else ""))
-                served_by.add(r.headers.get("x-mistral-ray-replica"))
+                results.append((time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER),
+                                r.text[:200] if r.status_code != 200 else ""))
 
-    users = [threading.Thread(target=user) for _ in range(6)]
-    for u in users:
-        u.start()
+    def streamer(i):
+        body = {"model": model_name, "prompt": "chaos", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                replica, outcome = None, "cut"
+                try:
+                    with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
+                        replica = r.headers.get(REPLICA_HEADER)
+                        streaming_now[i] = replica
+                        for line in r.iter_lines():
+                            if line == "data: [DONE]":
+                                outcome = "done"
+                except httpx.HTTPError:
+                    pass  # the connection ended without the stream's last chunk
+                streaming_now.pop(i, None)
+                streams.append((replica, outcome))
+
+    threads = [threading.Thread(target=user) for _ in range(4)] + [
+        threading.Thread(target=streamer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
     time.sleep(5)
-    victim = ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"])
-    ray.kill(victim, no_restart=True)
+    deadline = time.monotonic() + 30
+    while not streaming_now and time.monotonic() < deadline:
+        time.sleep(0.1)
+    victim = next(iter(streaming_now.values()))  # a replica with a stream on it right now
+    ray.kill(ray.get_actor(actors[victim]["name"], namespace=actors[victim]["namespace"]), no_restart=True)
     killed_at.append(time.monotonic())
-    time.sleep(15)  # keep the load on while Serve notices and routes around the dead replica
+    time.sleep(15)  # keep the load on while Serve notices and HAProxy routes around the dead replica
     stop.set()
-    for u in users:
-        u.join()
+    for t in threads:
+        t.join(timeout=150)
+    assert not any(t.is_alive() for t in threads), "a request hung after the replica died"
     after = [r for r in results if r[0] > killed_at[0]]
     failed = [r for r in results if r[1] != 200]
-    print(f"\nchaos: {len(results)} requests ({len(after)} after the kill), {len(failed)} failed")
+    cut = [s for s in streams if s[1] == "cut"]
+    time.sleep(2)
+    aborts = server_aborts(app) - aborts_before
+    print(f"\nchaos: {len(results)} requests ({len(after)} after the kill), {len(failed)} failed; "
+          f"{len(streams)} streams, {len(cut)} cut (all on the killed replica); HAProxy counted {aborts:.0f} "
+          "server aborts")
     assert not failed, failed[:5]
-    assert len(after) >= 10  # the surviving replica kept serving
+    assert {r[2] for r in results if r[0] < killed_at[0]} == set(actors)  # both replicas served before
+    assert len(after) >= 10 and victim not in {r[2] for r in after if r[0] > killed_at[0] + 1}  # the survivor took over
+    assert cut and all(replica == victim for replica, _ in cut), streams
+    assert aborts >= len(cut)  # what the error-ratio rule and the error panel count
     deadline = time.monotonic() + 420
     while llm_replicas(app_name).get("RUNNING") != 2:
         assert time.monotonic() < deadline, llm_replicas(app_name)
