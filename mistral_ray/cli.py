@@ -13,6 +13,10 @@ from mistral_ray.bench import DEFAULTS
 from mistral_ray.config import ConfigError, load_deployment
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace) -> int:
     from mistral_ray import launcher
 
@@ -26,10 +30,14 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     print(f"mistral-ray: starting {dep.path} (model {dep.service.model.name}) ...", flush=True)
     try:
-        running = launcher.start(dep, port=args.port, ready_timeout_s=args.ready_timeout)
+        running = launcher.start(dep, port=args.port, ready_timeout_s=args.ready_timeout, workers=args.nodes)
         # ray.init() installs its own SIGTERM handler (which aborts the process); take the signals back.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        if running.cluster is not None:
+            ports = running.cluster.metrics_ports
+            print(f"mistral-ray: head (Serve, HAProxy, ingress router) metrics port {ports[0]}; "
+                  + "; ".join(f"worker {i + 1} metrics port {p}" for i, p in enumerate(ports[1:])), flush=True)
         print(f"mistral-ray ready: {running.base_url}/v1 (started in {running.startup_s:.1f}s)", flush=True)
         while not stop.wait(1):
             pass
@@ -80,6 +88,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out) if args.out else None
     workdir = Path(tempfile.mkdtemp(prefix="mistral-ray-bench-"))
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: the running target is stopped on the way out
     opts = dict(requests=args.requests, input_len=args.input_len, output_len=args.output_len, vocab=args.vocab,
                 seed=args.seed, sessions=args.sessions, turns=args.turns, system_prompts=args.system_prompts,
                 system_words=args.system_words, user_words=args.user_words)
@@ -121,7 +130,8 @@ def _monitor(args: argparse.Namespace) -> int:
 
     dep = load_deployment(args.config)
     obs = dep.service.observability
-    proc = monitoring.start_prometheus(obs.metrics_export_port, obs.haproxy_metrics_port, port=args.port)
+    proc = monitoring.start_prometheus([obs.metrics_export_port, *args.node_ports], obs.haproxy_metrics_port,
+                                       port=args.port)
     print(f"prometheus: http://127.0.0.1:{args.port} (scraping Ray's metrics on port {obs.metrics_export_port} "
           f"and HAProxy's on {obs.haproxy_metrics_port}; rules {monitoring.RULES}); Ctrl-C stops it", flush=True)
     try:
@@ -182,7 +192,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve a deployment file on a local Ray cluster until Ctrl-C")
     run.add_argument("config", help="a file under deployments/")
     run.add_argument("--port", type=int, default=None, help="override http_options.port")
-    run.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for a replica")
+    run.add_argument("--nodes", type=int, default=0, metavar="N",
+                     help="a head (Serve, HAProxy, no replica) and N worker nodes for the replicas, each its own "
+                     "raylet on this machine, as a RayService runs; 0: one node that does everything")
+    run.add_argument("--ready-timeout", type=float, default=None,
+                     help="seconds to wait for a replica (default: the file's scaling.start_timeout_s)")
     run.set_defaults(func=_run)
     tiny = sub.add_parser("tiny-model", help="the embedded tiny Mistral")
     tiny_sub = tiny.add_subparsers(dest="action", required=True)
@@ -200,6 +214,8 @@ def parser() -> argparse.ArgumentParser:
     mon = sub.add_parser("monitor", help="run a local Prometheus scraping the local Ray cluster")
     mon.add_argument("config", nargs="?", default="deployments/local-cpu.yaml")
     mon.add_argument("--port", type=int, default=9090)
+    mon.add_argument("--node-ports", type=int, nargs="*", default=[], metavar="PORT",
+                     help="worker nodes' metrics ports too (`mistral-ray run --nodes` prints them)")
     mon.set_defaults(func=_monitor)
     k8s = sub.add_parser("k8s", help="render Kubernetes manifests from the project's sources of truth")
     k8s_sub = k8s.add_subparsers(dest="action", required=True)
@@ -267,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mistral-ray: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; whatever was started has been stopped on the way out
+        print("mistral-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

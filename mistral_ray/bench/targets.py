@@ -83,10 +83,19 @@ class Target:
             self.proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the target's process, before exec: the kernel sends it SIGTERM when the bench dies, however it
+    dies (SIGKILL included), and the target shuts its server down as it does on Ctrl-C."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(cmd: list[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})}, cwd=PROJECT_ROOT)
+                            env={**os.environ, **(env or {})}, cwd=PROJECT_ROOT, preexec_fn=_die_with_parent)
 
 
 def _ours(label: str, policy: str, replicas: int, workdir: Path) -> Target:
@@ -166,7 +175,7 @@ def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 
     target.label = label
     try:
         _wait(target, ready_timeout_s)
-    except Exception:
+    except BaseException:  # not ready, or the bench was interrupted while waiting: stop what was started
         target.stop()
         raise
     return target
