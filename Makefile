@@ -7,6 +7,8 @@ ENGINE ?= cpu
 # Where pip finds torch==2.13.0+cpu when it is not already on this machine's local wheels.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 CONFIG ?= deployments/local-cpu.yaml
+# `make run NODES=2`: a head (Serve, HAProxy, no replica) and 2 worker nodes, each its own raylet here.
+NODES ?= 0
 PYTEST_ARGS ?=
 # `make bench`: the targets compared side by side, the workloads, where JSON and PNG plots go.
 BENCH_TARGETS ?= ours:pow2 ours:prefix_affinity ours:pow2:1 vllm
@@ -45,7 +47,7 @@ tiny-model: install
 	$(BIN)/mistral-ray tiny-model build $(TINY_MODEL)
 
 run: install tiny-model
-	$(BIN)/mistral-ray run $(CONFIG)
+	$(BIN)/mistral-ray run $(CONFIG) --nodes $(NODES)
 
 # Debian's Prometheus (and promtool, which the tests use); installed when missing.
 prometheus:

@@ -9,7 +9,9 @@ from typing import Optional
 
 import httpx
 
+from mistral_ray import local_cluster
 from mistral_ray.config import DeploymentFile
+from mistral_ray.local_cluster import LocalCluster
 from mistral_ray.options import cluster_env
 
 
@@ -20,6 +22,10 @@ class Running:
     deployment: DeploymentFile
     base_url: str  # e.g. http://127.0.0.1:8000 (no /v1)
     startup_s: float
+    cluster: Optional[LocalCluster] = None  # with worker nodes: the head and workers this process runs
+
+
+_cluster: Optional[LocalCluster] = None
 
 
 def wait_ready(base_url: str, timeout_s: float) -> None:
@@ -37,11 +43,13 @@ def wait_ready(base_url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{base_url}/ready did not answer 200 within {timeout_s:.0f}s (last: {last})")
 
 
-def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float = 600,
-          env: Optional[dict[str, str]] = None) -> Running:
+def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optional[float] = None,
+          env: Optional[dict[str, str]] = None, workers: int = 0) -> Running:
     """Start Ray (local, owned by this process) with the data plane's environment, Serve and the app;
     return once it answers. `env`: the cluster environment to use instead of the config's (tests add
-    per-machine ports)."""
+    per-machine ports). `workers` > 0: a head without replicas and that many worker nodes (RayService's
+    shape); 0: one node that does everything."""
+    global _cluster
     # Before Ray starts and before this process imports Serve: every Ray process reads these at import.
     os.environ.update(cluster_env(dep.service) if env is None else env)
     import ray
@@ -51,8 +59,11 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float =
 
     t0 = time.monotonic()
     port = port or dep.http.port
-    if not ray.is_initialized():
-        obs = dep.service.observability
+    obs = dep.service.observability
+    if not ray.is_initialized() and workers:
+        _cluster = local_cluster.start(obs, workers)
+        ray.init(address=_cluster.address, namespace="mistral-ray", log_to_driver=False)
+    elif not ray.is_initialized():
         ray.init(
             namespace="mistral-ray",
             include_dashboard=False,
@@ -60,11 +71,14 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: float =
             _metrics_export_port=obs.metrics_export_port,
             _system_config={"metrics_report_interval_ms": obs.metrics_report_interval_ms},
         )
-    serve.start(http_options={"host": dep.http.host, "port": port})
+    # Several nodes on one machine cannot all bind the HTTP port: one HAProxy, on the head, as in the
+    # RayService's head-only ingress. One node: the file's choice.
+    serve.start(http_options={"host": dep.http.host, "port": port},
+                proxy_location="HeadOnly" if workers else dep.raw.get("proxy_location", "EveryNode"))
     serve.run(build(dep.service), name=dep.app_name, route_prefix=dep.route_prefix, blocking=False)
     base = f"http://{dep.http.host}:{port}{dep.route_prefix.rstrip('/')}"
-    wait_ready(base, ready_timeout_s)
-    return Running(dep, base, time.monotonic() - t0)
+    wait_ready(base, ready_timeout_s or dep.service.scaling.start_timeout_s)
+    return Running(dep, base, time.monotonic() - t0, _cluster)
 
 
 def stop() -> None:
@@ -72,8 +86,14 @@ def stop() -> None:
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    global _cluster
+    try:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    finally:
+        if _cluster is not None:
+            _cluster.shutdown()
+            _cluster = None

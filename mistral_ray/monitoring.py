@@ -24,16 +24,19 @@ LOCAL_CLUSTER = "local"
 SCRAPE_CONFIG = RULES.parent / "prometheus.yml"
 
 
-def prometheus_config(metrics_port: int, haproxy_port: int, scrape_interval: str = "5s",
+def prometheus_config(metrics_ports: int | list[int], haproxy_port: int, scrape_interval: str = "5s",
                       rules: str | None = None) -> dict:
-    def job(name: str, port: int) -> dict:
-        return {"job_name": name,
-                "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"ray_io_cluster": LOCAL_CLUSTER}}]}
+    """`metrics_ports`: each local Ray node's export port (one node, or the head and the workers that
+    `mistral-ray run --nodes` prints)."""
+    def job(name: str, ports: list[int]) -> dict:
+        return {"job_name": name, "static_configs": [
+            {"targets": [f"127.0.0.1:{p}" for p in ports], "labels": {"ray_io_cluster": LOCAL_CLUSTER}}]}
 
+    ports = [metrics_ports] if isinstance(metrics_ports, int) else list(metrics_ports)
     return {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "rule_files": [rules or str(RULES)],
-        "scrape_configs": [job("ray", metrics_port), job("haproxy", haproxy_port)],
+        "scrape_configs": [job("ray", ports), job("haproxy", [haproxy_port])],
     }
 
 
@@ -44,7 +47,7 @@ def shipped_config_yaml() -> str:
     return header + yaml.safe_dump(prometheus_config(8080, 9101, rules=RULES.name), sort_keys=False)
 
 
-def start_prometheus(metrics_port: int, haproxy_port: int, port: int = 9090, data_dir: Path | None = None,
+def start_prometheus(metrics_port: int | list[int], haproxy_port: int, port: int = 9090, data_dir: Path | None = None,
                      scrape_interval: str = "5s") -> subprocess.Popen:
     """Start Debian's `prometheus` on 127.0.0.1:`port` scraping the local Ray node and its HAProxy; the
     caller stops it."""

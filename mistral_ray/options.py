@@ -65,8 +65,9 @@ def cluster_env(cfg: ServiceConfig) -> dict[str, str]:
     """The Ray cluster's environment for this data plane: every Ray process (controller, HAProxy manager,
     replicas) must start with it. Empty values are left unset."""
     r = cfg.router
+    placement = {"RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1" if cfg.scaling.placement == "pack" else "0"}
     if not r.haproxy:
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **placement}
     needs_body = r.routing.policy != "pow2"  # prefix digests, or the body's `user` as the session
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -85,6 +86,7 @@ def cluster_env(cfg: ServiceConfig) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_RETRIES": str(r.retries),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(cfg.observability.haproxy_metrics_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{r.deregister_s:g}",
+        **placement,
     }
 
 

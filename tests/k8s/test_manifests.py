@@ -88,7 +88,9 @@ def test_cluster_shape(built):
     overlay, objs = built
     cluster = rayservice(objs)["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]
-    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
+    served = parse_service(yaml.safe_load(rayservice(objs)["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert served.scaling.replica_cpus > 0 or served.scaling.replica_gpus > 0  # so replicas avoid the head
     assert cluster["enableInTreeAutoscaling"] is True
     head_ports = {p["name"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert {"serve", "metrics", "dashboard"} <= head_ports

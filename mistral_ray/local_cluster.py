@@ -1,0 +1,81 @@
+"""A Ray cluster of several nodes on this one machine, shaped like the RayService: a head that hosts Serve's
+controller, HAProxy and the ingress router but no LLM replica, and worker nodes that host the replicas.
+
+Each node is a raylet of its own (`ray.cluster_utils.Cluster`), so placement, a proxy talking to replicas on
+other nodes, and losing a whole node can be tried without Kubernetes. The rule that keeps replicas off the
+head is the one the RayService uses: the head offers no CPU and no GPU to Ray (`num-cpus: "0"`,
+`num-gpus: "0"`), and every LLM replica reserves some (`scaling.replica_cpus` / `replica_gpus` > 0), while
+Serve's own actors reserve none.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+import psutil
+
+from mistral_ray.config import ObservabilityConfig
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    cluster: object  # ray.cluster_utils.Cluster
+    workers: list = field(default_factory=list)  # ray._private.node.Node, in start order
+    metrics_ports: list[int] = field(default_factory=list)  # head first, then each worker's
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_worker(self, cpus: float | None = None):
+        """A worker node offering `cpus` logical CPUs (default: this machine's cores) to LLM replicas."""
+        port = _free_port()
+        node = self.cluster.add_node(num_cpus=cpus or os.cpu_count(), metrics_export_port=port)
+        self.workers.append(node)
+        self.metrics_ports.append(port)
+        return node
+
+    def kill_worker(self, node) -> list[int]:
+        """Lose a worker node as a machine is lost: its raylet and every process under it (the replicas'
+        workers and their vLLM engines) killed at once, by PID. Returns the PIDs killed."""
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        victims = raylet.children(recursive=True) + [raylet]
+        for proc in victims:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=10)
+        self.workers.remove(node)
+        self.cluster.worker_nodes.discard(node)
+        return [p.pid for p in victims]
+
+    def node_id(self, node) -> str:
+        return node.node_id
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+def start(obs: ObservabilityConfig, workers: int) -> LocalCluster:
+    """The head (no CPU for replicas) and `workers` worker nodes; the caller connects with ray.init."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=0, num_gpus=0, include_dashboard=False, metrics_export_port=obs.metrics_export_port,
+        _system_config={"metrics_report_interval_ms": obs.metrics_report_interval_ms}))
+    local = LocalCluster(cluster, metrics_ports=[obs.metrics_export_port])
+    for _ in range(workers):
+        local.add_worker()
+    cluster.wait_for_nodes()
+    return local
