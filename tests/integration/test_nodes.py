@@ -101,7 +101,10 @@ class Cluster:
         raylet = psutil.Process(raylet_pid)
         victims = raylet.children(recursive=True) + [raylet]
         for p in victims:
-            p.send_signal(signal.SIGKILL)
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:  # a short-lived helper that ended by itself
+                pass
         psutil.wait_procs(victims, timeout=10)
         return len(victims)
 
@@ -120,6 +123,7 @@ class Load:
     def __init__(self, url: str, unary: int, streams: int, max_tokens: int = 100):
         self.url, self.stop = url, threading.Event()
         self.results, self.streams, self.streaming = [], [], {}
+        self.closed_before_answer: list[float] = []
         self.threads = [threading.Thread(target=self.user, args=(max_tokens,)) for _ in range(unary)] + [
             threading.Thread(target=self.streamer, args=(i,)) for i in range(streams)]
         for t in self.threads:
@@ -129,8 +133,22 @@ class Load:
         body = {"model": "tiny-mistral", "prompt": "nodes", "max_tokens": max_tokens, "ignore_eos": True}
         with httpx.Client(timeout=300) as client:
             while not self.stop.is_set():
-                r = client.post(f"{self.url}/v1/completions", json=body)
-                self.results.append((time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER)))
+                for attempt in range(2):
+                    try:
+                        r = client.post(f"{self.url}/v1/completions", json=body)
+                        self.results.append((time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER)))
+                        break
+                    except httpx.RemoteProtocolError as e:
+                        # A keep-alive connection closed before any byte of the answer: the official openai
+                        # client retries that (max_retries=2), so does this user, once; counted apart.
+                        if attempt == 0 and "without sending a response" in str(e):
+                            self.closed_before_answer.append(time.time())
+                            continue
+                        self.results.append((time.monotonic(), f"{type(e).__name__}: {e}", None))
+                        break
+                    except httpx.HTTPError as e:
+                        self.results.append((time.monotonic(), f"{type(e).__name__}: {e}", None))
+                        break
 
     def streamer(self, i):
         body = {"model": "tiny-mistral", "prompt": "nodes", "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -161,7 +179,10 @@ class Load:
 def wait(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except httpx.HTTPError:  # not listening yet
+            value = None
         if value:
             return value
         time.sleep(1)
@@ -218,14 +239,26 @@ def test_replicas_only_on_workers_and_scale_up_lands_on_the_other_worker(cluster
     print(f"\nscale-up: the second replica served {took:.0f}s after the load started, on the other worker")
 
 
-def long_stream(url: str, results: list) -> None:
+def long_stream(url: str, started: list, results: list) -> None:
     body = {"model": "tiny-mistral", "prompt": "drain", "max_tokens": 1200, "ignore_eos": True, "stream": True}
     finish, done = None, False
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+        started.append(r.headers.get(REPLICA_HEADER))
         for line in r.iter_lines():
             done |= line == "data: [DONE]"
             finish = "length" if '"finish_reason":"length"' in line else finish
     results.append((r.headers.get(REPLICA_HEADER), done, finish))
+
+
+def one_stream_on_each(url: str, replicas: set, results: list) -> list[threading.Thread]:
+    """Long streams until every replica holds one (the router decides where each goes)."""
+    started, threads = [], []
+    while set(started) != replicas and len(threads) < 8:
+        threads.append(threading.Thread(target=long_stream, args=(url, started, results)))
+        threads[-1].start()
+        wait(lambda: len(started) == len(threads), 60, "a stream's first byte")
+    assert set(started) == replicas, started
+    return threads
 
 
 def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus):
@@ -257,19 +290,16 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
         wait(split, 120, "the load split again")
         timeline["load split again (10 s window, >= 25 % each)"] = time.monotonic() - t_kill
         after = cluster.replicas()
-        # Long streams, one per replica, then the load stops: the autoscaler wants 1 replica again, and the
-        # one it removes has a stream in flight, which must finish (drain) before the replica goes.
-        drained = [threading.Thread(target=long_stream, args=(cluster.url, streams_at_scale_down))
-                   for _ in range(2)]
-        for t in drained:
-            t.start()
-            time.sleep(0.5)
     finally:
         load.end()
+    # Long streams on every replica, and no other load: the autoscaler wants 1 replica again, and the one it
+    # removes has a stream in flight, which must finish (drain) before the replica goes.
+    drained = one_stream_on_each(cluster.url, set(after), streams_at_scale_down)
     failed = [r for r in load.results if r[1] != 200]
     cut = [s for s in load.streams if s[1] == "cut"]
     print(f"\nnode loss: killed a worker's raylet and {killed - 1} processes under it; {len(load.results)} requests, "
-          f"{len(failed)} failed; {len(load.streams)} streams, {len(cut)} cut (on the lost node)")
+          f"{len(failed)} failed; {len(load.streams)} streams, {len(cut)} cut (on the lost node); "
+          f"{len(load.closed_before_answer)} connections closed before an answer (retried by the client)")
     for event, at in timeline.items():
         print(f"  {at:6.1f}s  {event}")
     assert not failed, failed[:5]
@@ -287,5 +317,5 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     for t in drained:
         t.join(timeout=300)
     print(f"  scale-down with a stream on each replica: {streams_at_scale_down}")
-    assert {r[0] for r in streams_at_scale_down} == {survivor, new}  # one on the replica that went
-    assert [r[1:] for r in streams_at_scale_down] == [(True, "length")] * 2, streams_at_scale_down
+    assert {r[0] for r in streams_at_scale_down} == {survivor, new}  # the replica that went had one
+    assert all(r[1:] == (True, "length") for r in streams_at_scale_down), streams_at_scale_down
