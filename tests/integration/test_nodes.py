@@ -212,8 +212,8 @@ def prometheus(cluster, tmp_path_factory):
     proc = monitoring.start_prometheus(cluster.metrics_ports, cluster.haproxy_port, port=port,
                                        data_dir=tmp_path_factory.mktemp("prom"), scrape_interval="1s")
     url = f"http://127.0.0.1:{port}"
-    wait(lambda: httpx.get(f"{url}/-/ready").status_code == 200, 60, "prometheus ready")
-    try:
+    try:  # stopped even when it never becomes ready
+        wait(lambda: httpx.get(f"{url}/-/ready").status_code == 200, 60, "prometheus ready")
         yield url
     finally:
         proc.terminate()
