@@ -11,10 +11,7 @@ Serve's own actors reserve none.
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass, field
-
-import psutil
 
 from mistral_ray.config import ObservabilityConfig
 
@@ -30,38 +27,18 @@ def _free_port() -> int:
 @dataclass
 class LocalCluster:
     cluster: object  # ray.cluster_utils.Cluster
-    workers: list = field(default_factory=list)  # ray._private.node.Node, in start order
     metrics_ports: list[int] = field(default_factory=list)  # head first, then each worker's
 
     @property
     def address(self) -> str:
         return self.cluster.address
 
-    def add_worker(self, cpus: float | None = None):
-        """A worker node offering `cpus` logical CPUs (default: this machine's cores) to LLM replicas."""
+    def add_worker(self):
+        """A worker node offering this machine's cores to LLM replicas, with its own metrics port."""
         port = _free_port()
-        node = self.cluster.add_node(num_cpus=cpus or os.cpu_count(), metrics_export_port=port)
-        self.workers.append(node)
+        node = self.cluster.add_node(num_cpus=os.cpu_count(), metrics_export_port=port)
         self.metrics_ports.append(port)
         return node
-
-    def kill_worker(self, node) -> list[int]:
-        """Lose a worker node as a machine is lost: its raylet and every process under it (the replicas'
-        workers and their vLLM engines) killed at once, by PID. Returns the PIDs killed."""
-        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        victims = raylet.children(recursive=True) + [raylet]
-        for proc in victims:
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(victims, timeout=10)
-        self.workers.remove(node)
-        self.cluster.worker_nodes.discard(node)
-        return [p.pid for p in victims]
-
-    def node_id(self, node) -> str:
-        return node.node_id
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

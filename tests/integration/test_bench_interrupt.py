@@ -13,18 +13,10 @@ import pytest
 
 from mistral_ray.config import PROJECT_ROOT
 
+from tests.integration.processes import session_processes
+
 pytestmark = pytest.mark.integration
 
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return found
 
 
 def bench_with_a_running_target(tmp_path):

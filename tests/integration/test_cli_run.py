@@ -8,7 +8,6 @@ import sys
 import time
 
 import httpx
-import psutil
 import pytest
 import yaml
 
@@ -16,19 +15,11 @@ from mistral_ray.bench.targets import free_port
 from mistral_ray.config import PROJECT_ROOT
 from tests.conftest import LOCAL_CPU
 
+from tests.integration.processes import free_haproxy_ports, session_processes
+
 pytestmark = pytest.mark.integration
 STOP_BOUND_S = 15
 
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return found
 
 
 def test_ctrl_c_stops_everything_within_15_s(tmp_path):
@@ -39,9 +30,7 @@ def test_ctrl_c_stops_everything_within_15_s(tmp_path):
     args["observability"] = {"metrics_export_port": free_port(), "haproxy_metrics_port": free_port()}
     config = tmp_path / "local.yaml"
     config.write_text(yaml.safe_dump(raw))
-    # This machine's other HAProxy ports, free (the test cluster beside it holds its own).
-    env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-           "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()), "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
+    env = {**os.environ, **free_haproxy_ports()}
     proc = subprocess.Popen([sys.executable, "-m", "mistral_ray.cli", "run", str(config)], cwd=PROJECT_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

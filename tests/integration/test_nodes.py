@@ -30,20 +30,12 @@ from mistral_ray.server.errors import REPLICA_HEADER
 from tests.conftest import LOCAL_CPU
 from tests.monitoring.test_rules_and_dashboard import panel_queries
 
+from tests.integration.processes import free_haproxy_ports, session_processes
+
 pytestmark = pytest.mark.integration
 SCALING = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=8,
                look_back_period_s=3, metrics_interval_s=0.5)
 
-
-def session(sid: int) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return found
 
 
 class Cluster:
@@ -59,9 +51,7 @@ class Cluster:
                                  "metrics_report_interval_ms": 1000}
         config = tmp_path / "nodes.yaml"
         config.write_text(yaml.safe_dump(raw))
-        env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-               "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
+        env = {**os.environ, **free_haproxy_ports()}
         self.proc = subprocess.Popen([sys.executable, "-m", "mistral_ray.cli", "run", str(config), "--nodes", "2"],
                                      cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
@@ -78,13 +68,13 @@ class Cluster:
 
     def raylets(self) -> dict[int, bool]:
         """raylet pid -> is the head."""
-        return {p.pid: "node:__internal_head__" in " ".join(p.cmdline()) for p in session(self.proc.pid)
+        return {p.pid: "node:__internal_head__" in " ".join(p.cmdline()) for p in session_processes(self.proc.pid)
                 if p.name() == "raylet"}
 
     def replicas(self) -> dict[str, int]:
         """LLM replica id -> the pid of the raylet (node) it runs under."""
         found = {}
-        for p in session(self.proc.pid):
+        for p in session_processes(self.proc.pid):
             try:
                 if "ServeReplica:mistral:LLMServer" not in " ".join(p.cmdline()):
                     continue
@@ -113,7 +103,7 @@ class Cluster:
         try:
             self.proc.wait(timeout=90)
         finally:
-            for p in session(self.proc.pid):
+            for p in session_processes(self.proc.pid):
                 p.kill()
 
 

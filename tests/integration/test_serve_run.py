@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 import yaml
 
@@ -18,6 +17,8 @@ from mistral_ray.bench.targets import free_port
 from mistral_ray.config import PROJECT_ROOT
 from mistral_ray.server.errors import REPLICA_HEADER
 from tests.conftest import CLUSTER_ENV, LOCAL_CPU
+
+from tests.integration.processes import session_processes
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +52,6 @@ def served(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return found
 
 
 def test_serve_run_serves_through_serves_own_proxy(served):
