@@ -271,6 +271,11 @@ class RouterConfig(_Strict):
         "A property of the Ray cluster's environment: `mistral-ray run` and the Kubernetes overlays set it "
         "(`mistral-ray env FILE` prints it for `serve run`); off, Serve's Python proxy relays every token."
     )
+    stream_guard: bool = Field(
+        True, description="Streamed requests pass HAProxy's stream guard (mistral_ray/proxy): when the replica "
+        "serving a stream dies mid-answer (its node lost), the client gets OpenAI's error event and [DONE] "
+        "instead of a cut connection. Costs one more hop inside HAProxy per streamed request."
+    )
     haproxy_threads: int = Field(2, ge=1, description="HAProxy worker threads per node (Ray's default is 4).")
     retries: int = Field(
         1, ge=0, description="How often HAProxy sends a request again, to another replica, when the replica "

@@ -12,6 +12,8 @@ from mistral_ray.config import APP_IMPORT_PATH, PROJECT_ROOT, DeploymentFile, lo
 from mistral_ray.options import cluster_env
 
 # Which deployment file each overlay serves.
+# Where the image (docker/Dockerfile, on rayproject/ray) installs console scripts: its Python's bin.
+IMAGE_SCRIPTS = "/home/ray/anaconda3/bin"
 OVERLAYS = {
     "cpu-dev": "deployments/local-cpu.yaml",
     "gpu": "deployments/mistral-7b-instruct-v0.1.yaml",
@@ -45,7 +47,7 @@ def serve_config_yaml(deployment_file: str) -> str:
 def data_plane_env(deployment_file: str) -> str:
     """The Ray pods' environment (an env file for the overlay's `mistral-ray-data-plane` ConfigMap, which
     head and workers load with envFrom): every Ray process reads it at start."""
-    env = cluster_env(load_deployment(PROJECT_ROOT / deployment_file).service)
+    env = cluster_env(load_deployment(PROJECT_ROOT / deployment_file).service, IMAGE_SCRIPTS)
     header = (f"# Generated from {deployment_file} by `mistral-ray k8s serve-config --write`; a test fails on "
               "drift.\n")
     return header + "".join(f"{key}={value}\n" for key, value in env.items())

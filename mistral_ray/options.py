@@ -8,7 +8,9 @@ variables every Ray process reads at import: `mistral-ray run`, the tests and th
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+from pathlib import Path
+from typing import Any, Optional
 
 from mistral_ray.config import STATE_DIR, ServiceConfig
 
@@ -61,9 +63,10 @@ def replica_env(cfg: ServiceConfig) -> dict[str, str]:
     return env
 
 
-def cluster_env(cfg: ServiceConfig) -> dict[str, str]:
+def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[str, str]:
     """The Ray cluster's environment for this data plane: every Ray process (controller, HAProxy manager,
-    replicas) must start with it. Empty values are left unset."""
+    replicas) must start with it. Empty values are left unset. `scripts_dir` holds our `mistral-ray-haproxy`
+    where the cluster runs (this Python's by default; the image's for Kubernetes)."""
     r = cfg.router
     placement = {"RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1" if cfg.scaling.placement == "pack" else "0"}
     if not r.haproxy:
@@ -87,6 +90,8 @@ def cluster_env(cfg: ServiceConfig) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(cfg.observability.haproxy_metrics_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{r.deregister_s:g}",
         **placement,
+        **({"RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(scripts_dir or Path(sys.executable).parent)
+                                                 / "mistral-ray-haproxy")} if r.stream_guard else {}),
     }
 
 

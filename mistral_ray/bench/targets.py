@@ -37,6 +37,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def session_processes(sid: int) -> list:
+    """The live processes of session `sid` (a command started with start_new_session: Ray, vLLM, HAProxy)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return found
+
+
 def _local_ports() -> dict[str, str]:
     """HAProxy's and Serve's fallback ports for a cluster the bench starts: free ones, so a `make run` or
     a test cluster on the same machine is not in the way."""
@@ -54,18 +68,20 @@ class Target:
     metrics_lag_s: float = 0.0  # how long a counter takes to show there
     headers: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {BENCH_KEY}"})
 
+    def session(self) -> list:
+        """Every live process of the target's session: the server, and for Ray targets the whole local
+        cluster it started (HAProxy's reloaded workers too, which leave the server's process group)."""
+        return session_processes(self.proc.pid)
+
     def memory_mb(self) -> Optional[dict[str, float]]:
-        """RSS and PSS (shared pages split between the processes sharing them) of every process of the
-        target's session: the server, and for Ray targets the whole local cluster it started."""
+        """RSS and PSS (shared pages split between the processes sharing them) of the target's session."""
         if self.proc is None or self.proc.poll() is not None:
             return None
         import psutil
 
         rss = pss = 0.0
-        for p in psutil.process_iter():
+        for p in self.session():
             try:
-                if os.getsid(p.pid) != self.proc.pid:
-                    continue
                 info = p.memory_full_info()
             except (psutil.Error, ProcessLookupError, PermissionError):
                 continue
@@ -81,6 +97,8 @@ class Target:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        for p in self.session():  # what left the group and outlived the server (HAProxy after a reload)
+            p.kill()
 
 
 def _die_with_parent() -> None:

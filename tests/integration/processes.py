@@ -1,22 +1,6 @@
 """What tests that start `mistral-ray` as a user would share: the processes of its session, free ports."""
 
-import os
-
-import psutil
-
-from mistral_ray.bench.targets import free_port
-
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    """The live processes of session `sid` (a CLI started with start_new_session: Ray, vLLM, HAProxy)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return found
+from mistral_ray.bench.targets import free_port, session_processes  # noqa: F401 (shared with the tests)
 
 
 def free_haproxy_ports() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Replica failure under load: 2 replicas serve a steady, bounded load of non-streamed requests and streams;
 the replica serving a stream is killed. No non-streamed request fails (HAProxy sends the ones it held to the
-other replica), every stream ends (cut ones end at once, never hang), the cut streams are counted as the
+other replica), every stream ends (cut ones at once, with OpenAI's error event and [DONE]: never hang, never broken), the cut streams are counted as the
 failures they are (HAProxy's server aborts, which the error-ratio rule adds to 5xx), Serve replaces the
 replica, and the deployment is back to 2 replicas."""
 
@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from mistral_ray.server.errors import REPLICA_HEADER
+from tests.integration.streams import read_stream
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +57,8 @@ def test_killing_a_replica_loses_no_request_and_counts_cut_streams(app, base_url
         body = {"model": model_name, "prompt": "chaos", "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
-                replica, outcome = None, "cut"
-                try:
-                    with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
-                        replica = r.headers.get(REPLICA_HEADER)
-                        streaming_now[i] = replica
-                        for line in r.iter_lines():
-                            if line == "data: [DONE]":
-                                outcome = "done"
-                except httpx.HTTPError:
-                    pass  # the connection ended without the stream's last chunk
+                replica, outcome = read_stream(client, f"{base_url}/v1/completions", body,
+                                               lambda replica: streaming_now.__setitem__(i, replica))
                 streaming_now.pop(i, None)
                 streams.append((replica, outcome))
 
@@ -93,15 +86,18 @@ def test_killing_a_replica_loses_no_request_and_counts_cut_streams(app, base_url
     assert not any(t.is_alive() for t in threads), "a request hung after the replica died"
     after = [r for r in results if r[0] > killed_at[0]]
     failed = [r for r in results if r[1] != 200]
-    cut = [s for s in streams if s[1] == "cut"]
+    cut = [s for s in streams if s[1] == "error event"]
+    broken = [s for s in streams if s[1] == "broken"]
     aborts = max(samples) - aborts_before
     print(f"\nchaos: {len(results)} requests ({len(after)} after the kill), {len(failed)} failed; "
-          f"{len(streams)} streams, {len(cut)} cut (all on the killed replica); HAProxy counted {aborts:.0f} "
+          f"{len(streams)} streams, {len(cut)} cut (all on the killed replica, error event + [DONE]), {len(broken)} "
+          f"broken; HAProxy counted {aborts:.0f} "
           "server aborts")
     assert not failed, failed[:5]
     assert {r[2] for r in results if r[0] < killed_at[0]} == set(actors)  # both replicas served before
     assert len(after) >= 10 and victim not in {r[2] for r in after if r[0] > killed_at[0] + 1}  # the survivor took over
     assert cut and all(replica == victim for replica, _ in cut), streams
+    assert not broken, broken  # the stream guard ended each cut stream as the API does
     assert aborts >= len(cut)  # what the error-ratio rule and the error panel count
     deadline = time.monotonic() + 420
     while llm_replicas(app_name).get("RUNNING") != 2:

@@ -3,7 +3,8 @@ HAProxy, ingress router, no replica) and 2 worker nodes, each its own raylet. On
 
 1. replicas only on workers, the second one (load-driven scale-up) on the other worker, both taking traffic;
 2. a worker node lost under load (its raylet and every process under it killed by PID): no non-streamed
-   request fails, streams on it end at once (cut, never hang), the replica comes back on the surviving
+   request fails, streams on it end at once with OpenAI's error event and [DONE] (never hang, never a
+   broken connection), the replica comes back on the surviving
    worker and traffic spreads again; a real Prometheus saw it: the replica-down alert's expression and the
    error panel's cut streams;
 3. then scale-down drains: a stream in flight on the replica that goes finishes first.
@@ -31,6 +32,7 @@ from tests.conftest import LOCAL_CPU
 from tests.monitoring.test_rules_and_dashboard import panel_queries
 
 from tests.integration.processes import free_haproxy_ports, session_processes
+from tests.integration.streams import read_stream
 
 pytestmark = pytest.mark.integration
 SCALING = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=8,
@@ -144,15 +146,8 @@ class Load:
         body = {"model": "tiny-mistral", "prompt": "nodes", "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=120) as client:
             while not self.stop.is_set():
-                replica, outcome = None, "cut"
-                try:
-                    with client.stream("POST", f"{self.url}/v1/completions", json=body) as r:
-                        replica = r.headers.get(REPLICA_HEADER)
-                        self.streaming[i] = replica
-                        for line in r.iter_lines():
-                            outcome = "done" if line == "data: [DONE]" else outcome
-                except httpx.HTTPError:
-                    pass
+                replica, outcome = read_stream(client, f"{self.url}/v1/completions", body,
+                                               lambda replica: self.streaming.__setitem__(i, replica))
                 self.streaming.pop(i, None)
                 self.streams.append((replica, outcome))
 
@@ -286,14 +281,17 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     # removes has a stream in flight, which must finish (drain) before the replica goes.
     drained = one_stream_on_each(cluster.url, set(after), streams_at_scale_down)
     failed = [r for r in load.results if r[1] != 200]
-    cut = [s for s in load.streams if s[1] == "cut"]
+    cut = [s for s in load.streams if s[1] == "error event"]
+    broken = [s for s in load.streams if s[1] == "broken"]
     print(f"\nnode loss: killed a worker's raylet and {killed - 1} processes under it; {len(load.results)} requests, "
-          f"{len(failed)} failed; {len(load.streams)} streams, {len(cut)} cut (on the lost node); "
+          f"{len(failed)} failed; {len(load.streams)} streams, {len(cut)} cut (on the lost node: error event + "
+          f"[DONE]), {len(broken)} broken; "
           f"{len(load.closed_before_answer)} connections closed before an answer (retried by the client)")
     for event, at in timeline.items():
         print(f"  {at:6.1f}s  {event}")
     assert not failed, failed[:5]
     assert cut and all(replica == victim for replica, _ in cut), load.streams
+    assert not broken, broken  # the stream guard ends every cut stream as the API does
     assert set(after) == {survivor, new} and after[new] == after[survivor]  # back, on the surviving worker
     # What a real Prometheus saw during it: the alert's condition, and the error panel's cut streams.
     time.sleep(3)

@@ -44,7 +44,8 @@ def test_every_ray_pod_starts_with_the_data_plane_environment(built):
     overlay, objs = built
     config_map = next(o for o in objs if o["metadata"]["name"] == "mistral-ray-data-plane")
     local = load_deployment(PROJECT_ROOT / k8s.OVERLAYS[overlay]).service
-    assert config_map["data"] == cluster_env(local)
+    assert config_map["data"] == cluster_env(local, k8s.IMAGE_SCRIPTS)
+    assert config_map["data"]["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/home/ray/anaconda3/bin/mistral-ray-haproxy"
     assert config_map["data"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     cluster = rayservice(objs)["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]

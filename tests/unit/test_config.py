@@ -1,5 +1,6 @@
 """The config tree: both shipped deployment files load, and bad ones fail naming the field."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,9 @@ def test_cluster_env_turns_the_data_plane_on_from_the_config():
     affinity = cluster_env(parse_service({"router": {"routing": {"policy": "prefix_affinity"}}}))
     assert affinity["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] == "1"
     assert env["RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY"] == "0"  # spread replicas over worker nodes
+    guard = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])  # this Python's console script: Ray can start it
+    assert guard.name == "mistral-ray-haproxy" and guard.is_file() and os.access(guard, os.X_OK)
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in cluster_env(parse_service({"router": {"stream_guard": False}}))
     assert cluster_env(parse_service({"router": {"haproxy": False}, "scaling": {"placement": "pack"}})) == {
         "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1"}
 

