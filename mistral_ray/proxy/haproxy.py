@@ -8,8 +8,9 @@ a user of an OpenAI server expects need one.
   API error every other failure gives. Streamed requests (`"stream": true` in the body) go through a Lua
   service that sends them to this same frontend over an internal socket (so routing, queueing and retries
   are unchanged) and, if the answer breaks off, ends the stream with OpenAI's error event and [DONE].
-- HAProxy's own 502/503/504 (no replica, retries exhausted, timeout) answer in OpenAI's JSON error shape
-  with their own status, instead of Ray's plain-text 500.
+- HAProxy's own answers (no replica, retries exhausted, timeout, the ingress router gave no pick) come in
+  OpenAI's JSON error shape with their own status (502/503/504, Retry-After on 503), instead of Ray's
+  plain-text 500 and 503.
 If Ray's config no longer has the shape this expects, it runs unchanged and says so on stderr.
 """
 
@@ -27,7 +28,12 @@ GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
 GUARD_SERVICE = "mistral_stream_guard"
 INNER_NAME = "stream-guard"  # the internal bind's name: requests on it are the guard's own, not guarded again
 _STREAMED = r"""'"stream"\s*:\s*true'"""
-_ERRORFILE = re.compile(r"^(\s*errorfile) (502|503|504) \S+$", re.M)
+# Ray's answer when the ingress router gave no replica: made an OpenAI body with Retry-After.
+_ROUTER_FAILED = 'content-type text/plain lf-string "Ingress request router failed: {var}"'
+_ROUTER_FAILED_JSON = ('content-type application/json lf-string "{{\\"error\\": {{\\"message\\": \\"no replica could be '
+                       'picked for this request ({var}); retry shortly\\", \\"type\\": \\"service_unavailable_error\\", '
+                       '\\"param\\": null, \\"code\\": \\"unavailable\\"}}}}" hdr Retry-After 1')
+_ROUTER_VAR = "%[var(txn.ingress_request_router_failed)]"
 _ERRORS = {
     502: ("Bad Gateway", "no replica answered the request", "bad_gateway", "server_error"),
     503: ("Service Unavailable", "no replica can take the request now; retry shortly", "unavailable",
@@ -66,7 +72,8 @@ def guarded(config: str, directory: Path) -> Optional[str]:
         f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {{ req.body -m reg {_STREAMED} }}",
     ]
     lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
-    out = "\n".join(lines) + "\n"
+    out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED.format(var=_ROUTER_VAR),
+                                          _ROUTER_FAILED_JSON.format(var=_ROUTER_VAR))
     for status in _ERRORS:
         path = directory / f"openai-{status}.http"
         path.write_text(error_file(status))

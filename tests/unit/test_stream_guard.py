@@ -91,7 +91,8 @@ def proxy(tmp_path_factory):
     (work / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
                                    "Content-Length: 21\r\n\r\nInternal Server Error")
     cfg = work / "haproxy.cfg"
-    # The parts of Ray's generated config the wrapper edits (the frontend's name, a bind, the error files).
+    # The parts of Ray's generated config the wrapper edits (the frontend's name, a bind, the error files, the
+    # ingress router's failure answer, copied from Ray 2.60's template).
     cfg.write_text(f"""global
     maxconn 200
 defaults
@@ -106,6 +107,8 @@ defaults
     errorfile 504 {work}/500.http
 frontend http_frontend
     bind 127.0.0.1:{port}
+    http-request set-var(txn.ingress_request_router_failed) str(router_unreachable) if {{ path_beg /norouter }}
+    http-request return status 503 content-type text/plain lf-string "Ingress request router failed: %[var(txn.ingress_request_router_failed)]" hdr X-Serve-Reason %[var(txn.ingress_request_router_failed)] if {{ var(txn.ingress_request_router_failed) -m found }}
     use_backend dead if {{ path_beg /dead }}
     default_backend up
 backend up
@@ -140,7 +143,7 @@ def test_the_config_is_edited_in_place_and_keeps_its_shape(proxy):
     _, _, cfg = proxy
     text = cfg.read_text()
     assert "use-service lua.mistral_stream_guard" in text and "lua-load-per-thread" in text
-    assert "500.http" not in text and "openai-503.http" in text
+    assert "500.http" not in text and "openai-503.http" in text and "router failed" not in text
     assert guarded("global\ndefaults\n", cfg.parent) is None  # not Ray's shape: left alone
 
 
@@ -191,3 +194,6 @@ def test_haproxy_s_own_errors_are_openai_json_with_their_status(proxy):
     assert r.json()["error"]["type"] == "service_unavailable_error"
     r = httpx.post(f"{base}/dead/v1/completions", json={"prompt": "x", "stream": True})  # guarded, same answer
     assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    r = httpx.post(f"{base}/norouter/v1/completions", json={"prompt": "x"})  # Ray's rule when no pick came
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "router_unreachable" in r.json()["error"]["message"]
