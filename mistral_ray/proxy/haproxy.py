@@ -28,6 +28,9 @@ GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
 GUARD_SERVICE = "mistral_stream_guard"
 INNER_NAME = "stream-guard"  # the internal bind's name: requests on it are the guard's own, not guarded again
 _STREAMED = r"""'"stream"\s*:\s*true'"""
+# The guard holds a request's body in memory: only bodies of a declared length up to this (4x the default
+# router.limits.max_body_bytes) go through it; others are relayed as before (the replica refuses them).
+GUARD_MAX_BODY = 8 * 2**20
 # Ray's answer when the ingress router gave no replica: made an OpenAI body with Retry-After.
 _ROUTER_FAILED = 'content-type text/plain lf-string "Ingress request router failed: {var}"'
 _ROUTER_FAILED_JSON = ('content-type application/json lf-string "{{\\"error\\": {{\\"message\\": \\"no replica could be '
@@ -66,10 +69,12 @@ def guarded(config: str, directory: Path) -> Optional[str]:
     lua.write_text(GUARD_LUA.read_text().replace("${INNER}", f"unix@{inner}")
                    .replace("${TIMEOUT_S}", str(int(timeout.group(1)) + 5 if timeout else 3600)))
     outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
+    sized = f"{{ req.hdr_val(content-length) le {GUARD_MAX_BODY} }}"
     lines[bind + 1:bind + 1] = [
         f"    bind unix@{inner} name {INNER_NAME}",
         f"    http-request wait-for-body time 2s if {outer}",
-        f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {{ req.body -m reg {_STREAMED} }}",
+        f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {sized} "
+        f"{{ req.body -m reg {_STREAMED} }}",
     ]
     lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
     out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED.format(var=_ROUTER_VAR),

@@ -25,6 +25,9 @@ local function request_bytes(applet, body)
             end
         end
     end
+    if not applet.headers["host"] then  -- an HTTP/2 client's authority: HTTP/1.1 needs a Host line
+        parts[#parts + 1] = "host: localhost\r\n"
+    end
     parts[#parts + 1] = "content-length: " .. #body .. "\r\nconnection: close\r\n\r\n"
     parts[#parts + 1] = body
     return table.concat(parts)
