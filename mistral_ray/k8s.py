@@ -11,9 +11,9 @@ import yaml
 from mistral_ray.config import APP_IMPORT_PATH, PROJECT_ROOT, DeploymentFile, load_deployment
 from mistral_ray.options import cluster_env
 
-# Which deployment file each overlay serves.
 # Where the image (docker/Dockerfile, on rayproject/ray) installs console scripts: its Python's bin.
 IMAGE_SCRIPTS = "/home/ray/anaconda3/bin"
+# Which deployment file each overlay serves.
 OVERLAYS = {
     "cpu-dev": "deployments/local-cpu.yaml",
     "gpu": "deployments/mistral-7b-instruct-v0.1.yaml",

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from mistral_ray.server.errors import error_body, sse_error
+
 GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
 GUARD_SERVICE = "mistral_stream_guard"
 INNER_NAME = "stream-guard"  # the internal bind's name: requests on it are the guard's own, not guarded again
@@ -31,26 +33,35 @@ _STREAMED = r"""'"stream"\s*:\s*true'"""
 # The guard holds a request's body in memory: only bodies of a declared length up to this (4x the default
 # router.limits.max_body_bytes) go through it; others are relayed as before (the replica refuses them).
 GUARD_MAX_BODY = 8 * 2**20
-# Ray's answer when the ingress router gave no replica: made an OpenAI body with Retry-After.
-_ROUTER_FAILED = 'content-type text/plain lf-string "Ingress request router failed: {var}"'
-_ROUTER_FAILED_JSON = ('content-type application/json lf-string "{{\\"error\\": {{\\"message\\": \\"no replica could be '
-                       'picked for this request ({var}); retry shortly\\", \\"type\\": \\"service_unavailable_error\\", '
-                       '\\"param\\": null, \\"code\\": \\"unavailable\\"}}}}" hdr Retry-After 1')
+# Ray's answer when the ingress router gave no replica, to be made an OpenAI body with Retry-After.
 _ROUTER_VAR = "%[var(txn.ingress_request_router_failed)]"
-_ERRORS = {
-    502: ("Bad Gateway", "no replica answered the request", "bad_gateway", "server_error"),
-    503: ("Service Unavailable", "no replica can take the request now; retry shortly", "unavailable",
-          "service_unavailable_error"),
-    504: ("Gateway Timeout", "no answer from a replica in time", "timeout", "timeout_error"),
+_ROUTER_FAILED = f'content-type text/plain lf-string "Ingress request router failed: {_ROUTER_VAR}"'
+_ERRORS = {  # HAProxy's own pages: status -> (reason phrase, message, OpenAI code)
+    502: ("Bad Gateway", "no replica answered the request", "bad_gateway"),
+    503: ("Service Unavailable", "no replica can take the request now; retry shortly", "unavailable"),
+    504: ("Gateway Timeout", "no answer from a replica in time", "timeout"),
 }
+LOST = sse_error(502, "the replica serving this stream stopped before the end of its answer; retry the request",
+                 "replica_lost").decode()
 
 
 def error_file(status: int) -> str:
-    reason, message, code, kind = _ERRORS[status]
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+    reason, message, code = _ERRORS[status]
+    body = json.dumps(error_body(status, message, code=code))
     retry = "Retry-After: 1\r\n" if status == 503 else ""
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Cache-Control: no-cache\r\nConnection: close\r\n{retry}\r\n{body}")
+
+
+def _router_failed_json() -> str:
+    body = json.dumps(error_body(503, f"no replica could be picked for this request ({_ROUTER_VAR}); retry shortly",
+                                 code="unavailable"))
+    quoted = body.replace("\\", "\\\\").replace('"', '\\"')  # an HAProxy double-quoted string
+    return f'content-type application/json lf-string "{quoted}" hdr Retry-After 1'
+
+
+def _lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a valid Lua one for this text (quotes, \n)
 
 
 def guarded(config: str, directory: Path) -> Optional[str]:
@@ -66,7 +77,8 @@ def guarded(config: str, directory: Path) -> Optional[str]:
     timeout = re.search(r"^\s*timeout server (\d+)s$", config, re.M)
     inner = directory / "stream-guard.sock"
     lua = directory / "stream_guard.lua"
-    lua.write_text(GUARD_LUA.read_text().replace("${INNER}", f"unix@{inner}")
+    lua.write_text(GUARD_LUA.read_text().replace("${INNER}", f"unix@{inner}").replace("${LOST}", _lua_string(LOST))
+                   .replace("${BAD_GATEWAY}", _lua_string(error_file(502).split("\r\n\r\n", 1)[1]))
                    .replace("${TIMEOUT_S}", str(int(timeout.group(1)) + 5 if timeout else 3600)))
     outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
     sized = f"{{ req.hdr_val(content-length) le {GUARD_MAX_BODY} }}"
@@ -77,8 +89,7 @@ def guarded(config: str, directory: Path) -> Optional[str]:
         f"{{ req.body -m reg {_STREAMED} }}",
     ]
     lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
-    out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED.format(var=_ROUTER_VAR),
-                                          _ROUTER_FAILED_JSON.format(var=_ROUTER_VAR))
+    out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED, _router_failed_json())
     for status in _ERRORS:
         path = directory / f"openai-{status}.http"
         path.write_text(error_file(status))
@@ -102,12 +113,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         with open(f"{source}.lock", "w") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             text = source.read_text()
-            config = text if GUARD_SERVICE in text else guarded(text, source.parent)
-            if config is None:
-                print(f"mistral-ray-haproxy: {source} is not shaped as expected; serving it without the stream "
-                      "guard", file=sys.stderr, flush=True)
-            elif config is not text:
-                source.write_text(config)
+            if GUARD_SERVICE not in text:  # not yet edited (a restart without Ray rewriting the file)
+                config = guarded(text, source.parent)
+                if config is None:
+                    print(f"mistral-ray-haproxy: {source} is not shaped as expected; serving it without the "
+                          "stream guard", file=sys.stderr, flush=True)
+                else:
+                    source.write_text(config)
     binary = real_binary()
     os.execv(binary, [binary, *args])
 

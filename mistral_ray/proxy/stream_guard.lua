@@ -6,8 +6,8 @@
 
 local INNER = "${INNER}"
 local TIMEOUT_S = ${TIMEOUT_S}
-local LOST = 'data: {"error": {"message": "the replica serving this stream stopped before the end of its answer; '
-    .. 'retry the request", "type": "server_error", "param": null, "code": "replica_lost"}}\n\ndata: [DONE]\n\n'
+local BAD_GATEWAY = ${BAD_GATEWAY}  -- the body of HAProxy's own 502 (openai-502.http)
+local LOST = ${LOST}  -- OpenAI's error event and [DONE] (server/errors.py's sse_error)
 -- Hop-by-hop headers, and the framing headers this hop sets itself.
 local HOP = { connection = true, ["keep-alive"] = true, ["transfer-encoding"] = true, ["content-length"] = true,
     te = true, upgrade = true, ["proxy-connection"] = true, expect = true, trailer = true }
@@ -33,14 +33,12 @@ local function request_bytes(applet, body)
     return table.concat(parts)
 end
 
-local function refuse(applet, message)
-    local body = '{"error": {"message": "' .. message .. '", "type": "server_error", "param": null, '
-        .. '"code": "bad_gateway"}}'
+local function refuse(applet)
     applet:set_status(502)
     applet:add_header("content-type", "application/json")
-    applet:add_header("content-length", tostring(#body))
+    applet:add_header("content-length", tostring(#BAD_GATEWAY))
     applet:start_response()
-    applet:send(body)
+    applet:send(BAD_GATEWAY)
 end
 
 -- Status line and headers of the inner answer, copied to the client's. Returns chunked, length, is_sse.
@@ -121,7 +119,7 @@ core.register_service("mistral_stream_guard", "http", function(applet)
     sock:settimeout(TIMEOUT_S)
     if not sock:connect(INNER) or not sock:send(request_bytes(applet, body)) then
         sock:close()
-        return refuse(applet, "the proxy could not reach its own frontend")
+        return refuse(applet)
     end
     local status_line = sock:receive("*l")
     local chunked, length, sse = nil, nil, false
@@ -130,7 +128,7 @@ core.register_service("mistral_stream_guard", "http", function(applet)
     end
     if chunked == nil then
         sock:close()
-        return refuse(applet, "no answer came back for this request")
+        return refuse(applet)
     end
     local ended
     if chunked then

@@ -15,6 +15,7 @@ from mistral_ray.bench.load import drive
 from mistral_ray.bench.report import prefix_cache_counters
 from mistral_ray.bench import chat_trace
 from mistral_ray.bench.workloads import random_prompts
+from mistral_ray.server.errors import REPLICA_HEADER
 from tests.integration.conftest import deploy, extra_app
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,7 @@ def affinity(app):
     while len(seen) < 2 and time.monotonic() < deadline:
         r = httpx.post(f"{url}/v1/completions", json={"model": service.model.name, "prompt": f"warm {len(seen)}",
                                                        "max_tokens": 1}, timeout=60)
-        seen.add(r.headers.get("x-mistral-ray-replica"))
+        seen.add(r.headers.get(REPLICA_HEADER))
     time.sleep(5)
     try:
         yield url, service.model.name
