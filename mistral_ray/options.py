@@ -129,7 +129,9 @@ def llm_deployment_options(cfg: ServiceConfig) -> dict[str, Any]:
         ),
         health_check_period_s=s.health_check_period_s,
         health_check_timeout_s=s.health_check_timeout_s,
-        graceful_shutdown_timeout_s=s.drain_timeout_s,
+        # The replica stays reachable router.deregister_s before it closes its port; the drain time its requests
+        # get counts from there (Serve's budget covers both, and was cutting streams at drain_timeout_s overall).
+        graceful_shutdown_timeout_s=s.drain_timeout_s + (cfg.router.deregister_s if cfg.router.haproxy else 0),
         graceful_shutdown_wait_loop_s=1,
         request_router_config=dict(
             request_router_class=REQUEST_ROUTER,

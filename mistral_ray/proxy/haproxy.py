@@ -75,16 +75,20 @@ def guarded(config: str, directory: Path) -> Optional[str]:
     except (ValueError, StopIteration):
         return None
     timeout = re.search(r"^\s*timeout server (\d+)s$", config, re.M)
+    # How long the guard waits for a replica's next byte, and for a client's declared body: HAProxy answers
+    # 408 when the body has not come by then, so this must not be shorter than a slow client's upload
+    # (2 s was: a loaded client sent its headers and its body 2 s apart).
+    wait_s = int(timeout.group(1)) + 5 if timeout else 3600
     inner = directory / "stream-guard.sock"
     lua = directory / "stream_guard.lua"
     lua.write_text(GUARD_LUA.read_text().replace("${INNER}", f"unix@{inner}").replace("${LOST}", _lua_string(LOST))
                    .replace("${BAD_GATEWAY}", _lua_string(error_file(502).split("\r\n\r\n", 1)[1]))
-                   .replace("${TIMEOUT_S}", str(int(timeout.group(1)) + 5 if timeout else 3600)))
+                   .replace("${TIMEOUT_S}", str(wait_s)))
     outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
     sized = f"{{ req.hdr_val(content-length) le {GUARD_MAX_BODY} }}"
     lines[bind + 1:bind + 1] = [
         f"    bind unix@{inner} name {INNER_NAME}",
-        f"    http-request wait-for-body time 2s if {outer}",
+        f"    http-request wait-for-body time {wait_s}s if {outer}",
         f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {sized} "
         f"{{ req.body -m reg {_STREAMED} }}",
     ]

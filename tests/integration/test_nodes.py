@@ -35,8 +35,10 @@ from tests.integration.processes import free_haproxy_ports, session_processes
 from tests.integration.streams import read_stream
 
 pytestmark = pytest.mark.integration
+# drain_timeout_s: the drained stream (1,200 tokens) took 25 s alone here and longer in the whole suite; the
+# default 30 s cut it there (CI, stop 16). The test is about the drain waiting, not about this machine's speed.
 SCALING = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=8,
-               look_back_period_s=3, metrics_interval_s=0.5)
+               look_back_period_s=3, metrics_interval_s=0.5, drain_timeout_s=120)
 
 
 
@@ -226,13 +228,13 @@ def test_replicas_only_on_workers_and_scale_up_lands_on_the_other_worker(cluster
 
 def long_stream(url: str, started: list, results: list) -> None:
     body = {"model": "tiny-mistral", "prompt": "drain", "max_tokens": 1200, "ignore_eos": True, "stream": True}
-    finish, done = None, False
+    finish, done, t0 = None, False, time.monotonic()
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
         started.append(r.headers.get(REPLICA_HEADER))
         for line in r.iter_lines():
             done |= line == "data: [DONE]"
             finish = "length" if '"finish_reason":"length"' in line else finish
-    results.append((r.headers.get(REPLICA_HEADER), done, finish))
+    results.append((r.headers.get(REPLICA_HEADER), done, finish, round(time.monotonic() - t0, 1)))
 
 
 def one_stream_on_each(url: str, replicas: set, results: list) -> list[threading.Thread]:
@@ -304,6 +306,6 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     wait(lambda: len(cluster.replicas()) == 1, 180, "back to one replica")
     for t in drained:
         t.join(timeout=300)
-    print(f"  scale-down with a stream on each replica: {streams_at_scale_down}")
+    print(f"  scale-down with a stream on each replica (replica, [DONE], finish, s): {streams_at_scale_down}")
     assert {r[0] for r in streams_at_scale_down} == {survivor, new}  # the replica that went had one
-    assert all(r[1:] == (True, "length") for r in streams_at_scale_down), streams_at_scale_down
+    assert all(r[1:3] == (True, "length") for r in streams_at_scale_down), streams_at_scale_down

@@ -199,6 +199,23 @@ def test_haproxy_s_own_errors_are_openai_json_with_their_status(proxy):
     assert "router_unreachable" in r.json()["error"]["message"]
 
 
+def test_a_body_sent_seconds_after_its_headers_is_served(proxy):
+    """HAProxy waits for the body to see `"stream": true`; a slow client is still served, not sent 408."""
+    base, _, _ = proxy
+    port = int(base.rsplit(":", 1)[1])
+    for body in (b'{"stream": true, "model": "m"}', b'{"model": "m"}'):
+        with socket.create_connection(("127.0.0.1", port), 10) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+            time.sleep(3)
+            s.sendall(body)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b"data: [DONE]" in answer
+
+
 def test_a_body_of_no_declared_length_is_relayed_unguarded(proxy):
     """The guard holds a body in memory, so it only takes bodies with a Content-Length under its cap; a
     chunked upload goes straight through, and a cut then breaks the connection as HAProxy alone does."""
