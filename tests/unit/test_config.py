@@ -46,6 +46,9 @@ def test_mistral_7b_file():
     assert kw["model"] == "mistralai/Mistral-7B-Instruct-v0.1"  # a hub id passes through unresolved
     assert kw["dtype"] == "bfloat16" and kw["max_model_len"] == 32768
     assert kw["gpu_memory_utilization"] == 0.9
+    # Serve's shutdown budget covers the deregistration window and then the drain the config names.
+    assert llm_deployment_options(svc)["graceful_shutdown_timeout_s"] == (
+        svc.scaling.drain_timeout_s + svc.router.deregister_s)
     assert kw["tool_call_parser"] == "mistral" and kw["enable_auto_tool_choice"] is True
     opts = llm_deployment_options(svc)
     assert opts["ray_actor_options"]["num_gpus"] == 1
