@@ -46,12 +46,11 @@ def test_mistral_7b_file():
     assert kw["model"] == "mistralai/Mistral-7B-Instruct-v0.1"  # a hub id passes through unresolved
     assert kw["dtype"] == "bfloat16" and kw["max_model_len"] == 32768
     assert kw["gpu_memory_utilization"] == 0.9
-    # Serve's shutdown budget covers the deregistration window and then the drain the config names.
-    assert llm_deployment_options(svc)["graceful_shutdown_timeout_s"] == (
-        svc.scaling.drain_timeout_s + svc.router.deregister_s)
     assert kw["tool_call_parser"] == "mistral" and kw["enable_auto_tool_choice"] is True
     opts = llm_deployment_options(svc)
     assert opts["ray_actor_options"]["num_gpus"] == 1
+    # Serve's shutdown budget covers the deregistration window and then the drain the config names.
+    assert opts["graceful_shutdown_timeout_s"] == svc.scaling.drain_timeout_s + svc.router.deregister_s
     assert opts["autoscaling_config"]["min_replicas"] == 1 and opts["autoscaling_config"]["max_replicas"] == 4
     assert "VLLM_CPU_KVCACHE_SPACE" not in opts["ray_actor_options"]["runtime_env"]["env_vars"]
 
