@@ -89,6 +89,12 @@ class EngineConfig(_Strict):
         "the replica's reserved CPUs (at least 1). On a 2-core machine that also runs the proxy, 1 beats 2: "
         "spinning OpenMP threads starve the serving processes (measured: ITL 11.6 vs 18.5 ms at c=1)."
     )
+    cpu_step_wait_us: Optional[int] = Field(
+        100, ge=1, le=10_000, description="On a CPU engine, how its scheduler and worker wait for each other "
+        "between steps: sleep this many microseconds per check instead of vLLM's busy yield, which on a "
+        "small machine takes the cores the forward pass and the proxy need (measured: c=32 +37 %, see "
+        "docs/benchmarks.md); null: vLLM's spin. Not applied to CUDA engines."
+    )
     # vLLM's OpenAI serving options (`vllm serve` flags of the same names).
     tokenizer_mode: Literal["auto", "hf", "slow", "mistral"] = Field(
         "auto", description="`mistral` for checkpoints in Mistral's own format (with config_format and "

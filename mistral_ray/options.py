@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mistral_ray.config import STATE_DIR, ServiceConfig
+from mistral_ray.engine.step_wait import ENV as STEP_WAIT_ENV
 
 LLM_DEPLOYMENT = "LLMServer"
 INGRESS_ROUTER_DEPLOYMENT = "IngressRouter"
@@ -61,6 +62,14 @@ def replica_env(cfg: ServiceConfig) -> dict[str, str]:
         # Replicas share the machine's cores; pinning OMP threads to the same cores would serialize them.
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env
+
+
+def step_wait_env(cfg: ServiceConfig) -> dict[str, str]:
+    """What turns on our vLLM plugin's step wait in a replica (`engine.cpu_step_wait_us`). Kept out of
+    `replica_env`, which the bench also gives bare `vllm serve` and ray.serve.llm: they run as shipped."""
+    if cfg.engine.device != "cpu" or not cfg.engine.cpu_step_wait_us:
+        return {}
+    return {STEP_WAIT_ENV: str(cfg.engine.cpu_step_wait_us)}
 
 
 def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[str, str]:
@@ -125,7 +134,7 @@ def llm_deployment_options(cfg: ServiceConfig) -> dict[str, Any]:
         ray_actor_options=dict(
             num_cpus=s.replica_cpus,
             num_gpus=s.replica_gpus,
-            runtime_env={"env_vars": replica_env(cfg)},
+            runtime_env={"env_vars": {**replica_env(cfg), **step_wait_env(cfg)}},
         ),
         health_check_period_s=s.health_check_period_s,
         health_check_timeout_s=s.health_check_timeout_s,

@@ -13,7 +13,8 @@ from mistral_ray.config import (
     load_deployment,
     parse_service,
 )
-from mistral_ray.options import cluster_env, llm_deployment_options, vllm_args
+from mistral_ray.engine.step_wait import ENV as STEP_WAIT_ENV
+from mistral_ray.options import cluster_env, llm_deployment_options, replica_env, vllm_args
 
 DEPLOYMENTS = PROJECT_ROOT / "deployments"
 
@@ -38,6 +39,11 @@ def test_local_cpu_file():
     assert 2 * opts["ray_actor_options"]["num_cpus"] + svc.router.num_cpus <= 2
     env = opts["ray_actor_options"]["runtime_env"]["env_vars"]
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CACHE_ROOT"].endswith(".state/vllm-cache")
+    # Our replicas' CPU engines wait for each step with a sleep (the vLLM plugin); the env bare vLLM gets does not.
+    assert env[STEP_WAIT_ENV] == str(svc.engine.cpu_step_wait_us) == "100"
+    assert STEP_WAIT_ENV not in replica_env(svc)
+    off = svc.model_copy(update={"engine": svc.engine.model_copy(update={"cpu_step_wait_us": None})})
+    assert STEP_WAIT_ENV not in llm_deployment_options(off)["ray_actor_options"]["runtime_env"]["env_vars"]
 
 
 def test_mistral_7b_file():
@@ -53,6 +59,7 @@ def test_mistral_7b_file():
     assert opts["graceful_shutdown_timeout_s"] == svc.scaling.drain_timeout_s + svc.router.deregister_s
     assert opts["autoscaling_config"]["min_replicas"] == 1 and opts["autoscaling_config"]["max_replicas"] == 4
     assert "VLLM_CPU_KVCACHE_SPACE" not in opts["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert STEP_WAIT_ENV not in opts["ray_actor_options"]["runtime_env"]["env_vars"]  # GPU engines keep vLLM's spin
 
 
 def test_a_hub_checkpoint_is_never_the_tiny_model(tmp_path):
