@@ -92,7 +92,7 @@ class EngineConfig(_Strict):
     cpu_step_wait_us: Optional[int] = Field(
         100, ge=1, le=10_000, description="On a CPU engine, how its scheduler and worker wait for each other "
         "between steps: sleep this many microseconds per check instead of vLLM's busy yield, which on a "
-        "small machine takes the cores the forward pass and the proxy need (measured: c=32 +37 %, see "
+        "small machine takes the cores the forward pass and the proxy need (measured: c=32 +38 % and +40 % in two rounds, see "
         "docs/benchmarks.md); null: vLLM's spin. Not applied to CUDA engines."
     )
     # vLLM's OpenAI serving options (`vllm serve` flags of the same names).

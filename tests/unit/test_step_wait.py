@@ -4,7 +4,6 @@ a sleep only where our replica's environment asks (vLLM loads it in its EngineCo
 import os
 import subprocess
 import sys
-import time
 
 from mistral_ray.engine.step_wait import ENV
 
@@ -30,7 +29,9 @@ def probe(env: dict) -> tuple[bool, float]:
 
 def test_the_plugin_sleeps_between_checks_only_when_asked():
     base = {k: v for k, v in os.environ.items() if k != ENV}
-    untouched, yield_s = probe(base)
-    assert untouched and yield_s < 50e-6  # vLLM's own: a sched_yield, microseconds at most
+    # Without the env vLLM keeps its own function (no timing bound here: a sched_yield on a busy machine can
+    # take as long as another process's time slice).
+    untouched, _ = probe(base)
+    assert untouched
     untouched, sleep_s = probe({**base, ENV: "500"})
     assert not untouched and sleep_s >= 450e-6  # ours: at least the configured sleep per check
