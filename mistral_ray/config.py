@@ -216,6 +216,12 @@ class RoutingConfig(_Strict):
         "least loaded replica's by more than this."
     )
     kv_limit: float = Field(0.95, gt=0, description="A favourite replica is skipped at this KV-cache use.")
+    load_average_s: float = Field(
+        1.0, ge=0, description="The `imbalance` check compares loads averaged over about this many seconds, "
+        "so a replica whose batch of answers just ended does not look idle for the moment before its "
+        "conversations' next turns arrive (and draw conversations off the replicas holding them). 0: the "
+        "loads of the moment."
+    )
     block_chars: int = Field(
         64, ge=1, description="Prefix block size in characters (about one 16-token KV block of English)."
     )

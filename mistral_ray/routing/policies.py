@@ -9,13 +9,15 @@ the request's `RouteHint` (`routing/hint.py`), and the request goes to the first
   first request (no assistant message yet) goes by load too: all it can share is a system prompt.
 - `session`: the replica a session (header or `user` field) went to before, with the same overload fallback.
 
-Load is queued + running requests as the replicas report them. KV pressure counts each sequence's KV as
+Load is queued + running requests as the replicas report them. The overload check compares loads averaged
+over about a second (`LoadAverage`), not the loads of the moment: see there. KV pressure counts each sequence's KV as
 min(length, sliding_window) tokens: with Mistral's sliding window a sequence never holds more than W tokens
 of KV, however long it grows, so long conversations do not look heavier than they are.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +36,36 @@ class Load:
     replica: str
     ongoing: int  # queued + running requests
     kv_usage: float = 0.0  # sliding-window-aware KV tokens / KV capacity, 0..1+
+    average: Optional[float] = None  # `ongoing` averaged over the last moments (LoadAverage); None: ongoing
+
+
+class LoadAverage:
+    """Each replica's load, averaged over about `window_s` seconds (an exponential moving average in time,
+    updated whenever a request is routed).
+
+    Why the overload check uses it: replicas answer in batches, and when a batch ends its replica is nearly
+    empty for the moment before its conversations' next turns arrive. Compared at that moment, every other
+    replica looks `imbalance` above it, and conversations left the replicas holding their prefixes for it,
+    at every batch's end (chat trace, 2 replicas, concurrency 32: 16 of 64 follow-ups skipped their
+    favourite; hit rate 32-37 % against one replica's 40 %). A sustained imbalance still shows within a
+    window or two."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._last: dict[str, tuple[float, float]] = {}  # replica -> (average, when)
+
+    def update(self, replica: str, load: float, now: float) -> float:
+        last = self._last.get(replica)
+        if last is None or self.window_s <= 0:
+            average = float(load)
+        else:
+            average, when = last
+            average += (1 - math.exp(-max(0.0, now - when) / self.window_s)) * (load - average)
+        self._last[replica] = (average, now)
+        return average
+
+    def forget(self, replica: str) -> None:
+        self._last.pop(replica, None)
 
 
 def sequence_kv_tokens(length: int, sliding_window: Optional[int]) -> int:
@@ -46,6 +78,10 @@ def kv_usage(lengths: Iterable[int], sliding_window: Optional[int], capacity_tok
     if capacity_tokens <= 0:
         return 0.0
     return sum(sequence_kv_tokens(n, sliding_window) for n in lengths) / capacity_tokens
+
+
+def _averaged(load: Load) -> float:
+    return load.ongoing if load.average is None else load.average
 
 
 class PrefixIndex:
@@ -128,8 +164,8 @@ class Policy:
                                                                 self.rng.random()))]
 
     def _overloaded(self, load: Load, loads: list[Load]) -> bool:
-        least = min(l.ongoing for l in loads)
-        return load.ongoing - least > self.imbalance or load.kv_usage >= self.kv_limit
+        least = min(_averaged(l) for l in loads)
+        return _averaged(load) - least > self.imbalance or load.kv_usage >= self.kv_limit
 
     def _prefer(self, favourite: Load, loads: list[Load]) -> list[list[str]]:
         """The favourite alone first; if Serve finds it full, the pow2 choice among the others."""

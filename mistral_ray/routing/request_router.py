@@ -13,6 +13,8 @@ Load is what each replica reports (`LLMServer.record_routing_stats`, every `stat
 requests, sliding-window-aware KV use, how many requests it received from each picker) plus what was sent its
 way since, which the report cannot show yet. (Not Serve's queue-length cache: probes and rejections overwrite
 it, and after a replica loss and an overload burst it over-counted one replica for good: pow2 split 107/53.)
+The overload check of the affinity policies compares these loads averaged over `load_average_s`
+(`policies.LoadAverage`): a replica whose batch just ended is not idle for long.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
 from mistral_ray.config import RoutingConfig
 from mistral_ray.metrics import RoutingMetrics
 from mistral_ray.routing.hint import RouteHint
-from mistral_ray.routing.policies import ARRIVALS, Load, Policy, make_policy
+from mistral_ray.routing.policies import ARRIVALS, Load, LoadAverage, Policy, make_policy
 
 
 def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
@@ -58,6 +60,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         # refused connection) stops counting once the replica has reported without it for that long.
         self.recent: dict[str, deque] = {}
         self.window_s = max(1.0, 4 * cfg.stats_period_s)
+        self.average = LoadAverage(cfg.load_average_s)
 
     def _load(self, replica: RunningReplica, picker: Optional[str]) -> Load:
         stats = replica.routing_stats or {}
@@ -71,7 +74,8 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             # or this replica's next picks would hide behind the surplus (seen: 116/44 after a replica loss).
             picks[rid] = max(picks[rid], arrived)
             unseen = min(picks[rid] - arrived, self._recent(rid))
-        return Load(rid, max(reported + unseen, self.in_flight.get(rid, 0)), float(stats.get(KV_USAGE, 0.0)))
+        ongoing = max(reported + unseen, self.in_flight.get(rid, 0))
+        return Load(rid, ongoing, float(stats.get(KV_USAGE, 0.0)), self.average.update(rid, ongoing, time.monotonic()))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None
@@ -132,6 +136,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
 
     def _forget(self, replica: str) -> None:
         self.policy.forget(replica)
+        self.average.forget(replica)
         self.in_flight.pop(replica, None)
         self.recent.pop(replica, None)
         for counts in self.picks.values():

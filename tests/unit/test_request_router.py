@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
-from mistral_ray.routing.hint import RouteHint
+from mistral_ray.routing.hint import RouteHint, prefix_blocks
 from mistral_ray.routing.policies import ARRIVALS
 from mistral_ray.routing.request_router import LLMRequestRouter
 
@@ -22,9 +22,9 @@ def replica(name, waiting=0, running=0, kv=0.0, arrivals=None):
                            routing_stats={WAITING: waiting, RUNNING: running, KV_USAGE: kv, ARRIVALS: arrivals or {}})
 
 
-def router(policy="pow2"):
+def router(policy="pow2", **routing):
     r = LLMRequestRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
-    r.initialize_state(policy=policy, imbalance=8, metrics=False)
+    r.initialize_state(policy=policy, imbalance=8, metrics=False, **routing)
     return r
 
 
@@ -69,6 +69,31 @@ def test_picks_that_never_arrive_stop_counting():
     assert first_choices(r, [a_lost, b_idle], 4, pick) == {"b": 4}  # within the window: a looks busy
     r.window_s = 0.0  # the window has passed
     assert first_choices(r, [a_lost, b_idle], 4, pick) == {"a": 4}
+
+
+def test_a_replica_whose_batch_just_ended_does_not_draw_conversations_away():
+    # 16 conversations on each replica; the other replica's batch of answers ends and its report shows 1 in
+    # flight before its next turns arrive. A follow-up stays with its prefix; judged on the loads of the
+    # moment it left.
+    pick = RouteHint(prefix=prefix_blocks("F" * 256, 64, 64), picker="router-1")
+
+    def where_the_follow_up_goes(window_s):
+        r = router("prefix_affinity", load_average_s=window_s)  # a long window: no test timing involved
+        home = first(first_choices(r, [replica("a", running=16), replica("b", running=16)], 1, pick))
+        other = "b" if home == "a" else "a"
+        seen = {"router-1": 1}
+        after = [replica(home, running=18, arrivals=seen), replica(other, running=1)]
+        return home, first(first_choices(r, after, 1, pick))
+
+    home, chosen = where_the_follow_up_goes(60.0)
+    assert chosen == home
+    home, chosen = where_the_follow_up_goes(0.0)
+    assert chosen != home
+
+
+def first(counts):
+    (name,) = counts
+    return name
 
 
 def test_session_header_read_by_serves_proxy_keeps_a_session_on_its_replica():

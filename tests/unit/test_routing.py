@@ -1,12 +1,13 @@
 """The routing policies' choices (pure logic, no Ray): load balance, prefix affinity, sessions, overload."""
 
+import math
 import random
 from collections import Counter
 
 import pytest
 
 from mistral_ray.routing.hint import RouteHint, hint_from_body, is_follow_up, prefix_blocks, prompt_text
-from mistral_ray.routing.policies import Load, PrefixIndex, kv_usage, make_policy, sequence_kv_tokens
+from mistral_ray.routing.policies import Load, LoadAverage, PrefixIndex, kv_usage, make_policy, sequence_kv_tokens
 
 
 def policy(name, **kw):
@@ -118,6 +119,33 @@ def test_prefix_affinity_falls_back_to_pow2_when_its_favourite_is_overloaded():
     assert p.rank(h, [Load("a", 4), Load("b", 0)])[0] == ["a"]  # within the imbalance: stay
     assert p.rank(h, [Load("a", 5), Load("b", 0)]) == [["b"], ["a"]]  # beyond it: least loaded first
     assert p.rank(h, [Load("a", 0, kv_usage=0.95), Load("b", 0)])[0][0] == "b"  # KV nearly full
+
+
+def test_load_average_follows_a_step_over_its_window():
+    avg = LoadAverage(window_s=1.0)
+    assert avg.update("a", 16, now=0.0) == 16  # first sight: the load itself
+    assert avg.update("a", 0, now=0.1) == pytest.approx(16 * math.exp(-0.1))  # a batch ended: still ~14
+    assert avg.update("a", 0, now=5.0) < 0.2  # seconds later: the new level
+    assert avg.update("a", 12, now=5.0) < 0.2  # no time passed: no weight
+    avg.forget("a")
+    assert avg.update("a", 7, now=6.0) == 7
+    assert LoadAverage(window_s=0).update("b", 3, now=0.0) == 3 and LoadAverage(0).update("b", 0, 9.0) == 0
+
+
+def test_overload_is_judged_on_the_averaged_loads():
+    p = policy("prefix_affinity", imbalance=8)
+    h = hint("E" * 64)
+    p.routed(h, "a")
+    # b's batch of answers just ended (1 now, 12 on average), a holds the prefix with 18: not overloaded.
+    assert p.decide(h, [Load("a", 18, average=15.0), Load("b", 1, average=12.0)]).reason == "prefix"
+    # Without averages the moment decides, as before.
+    assert p.decide(h, [Load("a", 18), Load("b", 1)]).reason == "overloaded"
+    # A sustained gap still moves the request.
+    decision = p.decide(h, [Load("a", 12, average=20.0), Load("b", 4, average=5.0)])
+    assert decision.reason == "overloaded" and decision.ranks[0] == ["b"]
+    s = policy("session", imbalance=8)
+    s.routed(RouteHint(session="x"), "a")
+    assert s.decide(RouteHint(session="x"), [Load("a", 18, average=15.0), Load("b", 1, average=12.0)]).reason == "session"
 
 
 def test_prefix_affinity_spreads_unseen_prefixes_by_load():
