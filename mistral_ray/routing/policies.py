@@ -9,9 +9,9 @@ the request's `RouteHint` (`routing/hint.py`), and the request goes to the first
   first request (no assistant message yet) goes by load too: all it can share is a system prompt.
 - `session`: the replica a session (header or `user` field) went to before, with the same overload fallback.
 
-Load is queued + running requests as the replicas report them. The overload check compares loads averaged
-over about a second (`LoadAverage`), not the loads of the moment: see there. KV pressure counts each sequence's KV as
-min(length, sliding_window) tokens: with Mistral's sliding window a sequence never holds more than W tokens
+Load is queued + running requests as the replicas report them; the overload check compares loads averaged
+in time (`LoadAverage`, see there why). KV pressure counts each sequence's KV as min(length, sliding_window)
+tokens: with Mistral's sliding window a sequence never holds more than W tokens
 of KV, however long it grows, so long conversations do not look heavier than they are.
 """
 
@@ -46,9 +46,8 @@ class LoadAverage:
     Why the overload check uses it: replicas answer in batches, and when a batch ends its replica is nearly
     empty for the moment before its conversations' next turns arrive. Compared at that moment, every other
     replica looks `imbalance` above it, and conversations left the replicas holding their prefixes for it,
-    at every batch's end (chat trace, 2 replicas, concurrency 32: 16 of 64 follow-ups skipped their
-    favourite; hit rate 32-37 % against one replica's 40 %). A sustained imbalance still shows within a
-    window or two."""
+    at every batch's end (the chat trace at concurrency 32, 2 replicas: docs/benchmarks.md, session 8). A
+    sustained imbalance still shows within a window or two."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s

@@ -75,7 +75,8 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             picks[rid] = max(picks[rid], arrived)
             unseen = min(picks[rid] - arrived, self._recent(rid))
         ongoing = max(reported + unseen, self.in_flight.get(rid, 0))
-        return Load(rid, ongoing, float(stats.get(KV_USAGE, 0.0)), self.average.update(rid, ongoing, time.monotonic()))
+        average = self.average.update(rid, ongoing, time.monotonic())
+        return Load(rid, ongoing, float(stats.get(KV_USAGE, 0.0)), average)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None

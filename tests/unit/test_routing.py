@@ -145,7 +145,8 @@ def test_overload_is_judged_on_the_averaged_loads():
     assert decision.reason == "overloaded" and decision.ranks[0] == ["b"]
     s = policy("session", imbalance=8)
     s.routed(RouteHint(session="x"), "a")
-    assert s.decide(RouteHint(session="x"), [Load("a", 18, average=15.0), Load("b", 1, average=12.0)]).reason == "session"
+    settled = [Load("a", 18, average=15.0), Load("b", 1, average=12.0)]
+    assert s.decide(RouteHint(session="x"), settled).reason == "session"
 
 
 def test_prefix_affinity_spreads_unseen_prefixes_by_load():
