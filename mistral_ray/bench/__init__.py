@@ -36,7 +36,10 @@ def chat_trace(model: str, **overrides) -> ChatTrace:
 def _level(target: Target, workload: str, model: str, concurrency: int, opts: dict, progress: bool) -> Result:
     seed = opts["seed"] + concurrency  # a fresh trace per level: no level reuses another's cached prefixes
     if workload == "chat":
-        work = chat_trace(model, **{**opts, "sessions": max(opts["sessions"], concurrency), "seed": seed})
+        # Twice as many sessions as clients at least: with one per client, every session is always in flight
+        # and its next turn goes out the moment its answer is in, nothing else waiting (see `drive`).
+        sessions = max(opts["sessions"], 2 * concurrency)
+        work = chat_trace(model, **{**opts, "sessions": sessions, "seed": seed})
     else:
         n = max(opts["requests"], 2 * concurrency)
         work = random_prompts(model, n, opts["input_len"], opts["output_len"], opts["vocab"], seed)

@@ -61,9 +61,9 @@ def hits_and_queries(app, model: str) -> tuple[float, float]:
 
 def run_trace(url: str, model: str, seed: int):
     # Short shared system prompts, several turns: the conversations' own history is most of each prompt.
-    # 9 sessions over 4 clients, not 8: sessions interleave in a fixed order, and with a session count that
-    # is a multiple of the concurrency, pow2's least-loaded pick sent every turn of a session to the same
-    # replica (request k took the slot request k - 4 freed), as if it knew the prefixes (CI: equal rates).
+    # More sessions than clients, so a next turn waits among the others' (see `drive`). When the bench still
+    # queued turns in a fixed cycle, 8 sessions over 4 clients made pow2's least-loaded pick send every turn
+    # of a session to the same replica (request k took the slot request k - 4 freed; CI: equal rates).
     trace = chat_trace(model, sessions=9, turns=4, system_words=30, user_words=40, output_len=24, seed=seed)
     replies, _ = asyncio.run(drive(url, trace, concurrency=4, progress=False))
     assert len(replies) == 36
