@@ -89,9 +89,10 @@ def test_drive_interleaves_chat_sessions_and_sends_each_turn_after_its_answer():
             history = trace.histories[session]
             assert [m["content"] for m in history if m["role"] == "assistant"][:2] == \
                 [f"answer-{i}" for i, r in enumerate(replies) if r.session == session][:2]
+        assert [user for user, n in sent if n == 2] == [f"session-{i}" for i in range(4)]  # first turns in order
         return list(sent), [r.session for r in replies]
 
-    # One at a time, the first turns in order; a next turn joins the waiting ones at a seeded random place,
+    # One at a time, first turns in their order; a next turn joins the waiting ones at a seeded random place,
     # not at the back: the fixed cycle 0 1 2 3 0 1 2 3 ... is what made pow2 sticky by accident.
     orders = {seed: run(seed) for seed in range(6)}
     assert all(run(seed) == orders[seed] for seed in (0, 1))  # seeded: the same trace, the same order
