@@ -213,14 +213,18 @@ class RoutingConfig(_Strict):
     )
     imbalance: int = Field(
         8, ge=0, description="A favourite replica is skipped when its queued + running requests exceed the "
-        "least loaded replica's by more than this."
+        "least loaded replica's by more than this (and by more than `imbalance_ratio` times, see there)."
+    )
+    imbalance_ratio: float = Field(
+        1.5, ge=1, description="... and only when they also exceed `imbalance_ratio` times the least loaded "
+        "replica's (both averaged). SGLang's and vLLM's routers use the same two-threshold rule (64 and 1.5)."
     )
     kv_limit: float = Field(0.95, gt=0, description="A favourite replica is skipped at this KV-cache use.")
     load_average_s: float = Field(
-        1.0, ge=0, description="The `imbalance` check compares loads averaged over about this many seconds, "
-        "so a replica whose batch of answers just ended does not look idle for the moment before its "
-        "conversations' next turns arrive (and draw conversations off the replicas holding them). 0: the "
-        "loads of the moment."
+        1.0, ge=0, description="The `imbalance` check sees a replica's load fall over about this many "
+        "seconds (a rise at once), so a replica whose batch of answers just ended does not look idle for the "
+        "moment before its conversations' next turns arrive (and draw conversations off the replicas holding "
+        "them). 0: the loads of the moment."
     )
     block_chars: int = Field(
         64, ge=1, description="Prefix block size in characters (about one 16-token KV block of English)."

@@ -40,14 +40,16 @@ class Load:
 
 
 class LoadAverage:
-    """Each replica's load, averaged over about `window_s` seconds (an exponential moving average in time,
-    updated whenever a request is routed).
+    """Each replica's load as the overload check sees it: it rises at once and falls over about `window_s`
+    seconds (an exponential moving average in time on the way down), updated whenever a request is routed.
 
-    Why the overload check uses it: replicas answer in batches, and when a batch ends its replica is nearly
-    empty for the moment before its conversations' next turns arrive. Compared at that moment, every other
-    replica looks `imbalance` above it, and conversations left the replicas holding their prefixes for it,
-    at every batch's end (the chat trace at concurrency 32, 2 replicas: docs/benchmarks.md, session 8). A
-    sustained imbalance still shows within a window or two."""
+    Why it falls slowly: replicas answer in batches, and when a batch ends its replica is nearly empty for
+    the moment before its conversations' next turns arrive. Compared at that moment, every other replica
+    looks `imbalance` above it, and conversations left the replicas holding their prefixes for it, at every
+    batch's end (the chat trace at concurrency 32, 2 replicas: docs/benchmarks.md, session 8). A sustained
+    imbalance still shows within a window or two. Why it rises at once: a rise is requests that are there,
+    most of them our own picks; averaged in slowly, a replica that just took a burst of moved conversations
+    still looked light, and drew more (session 10: 9 moves in 0.1 s where 2 closed the gap)."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s
@@ -55,7 +57,7 @@ class LoadAverage:
 
     def update(self, replica: str, load: float, now: float) -> float:
         last = self._last.get(replica)
-        if last is None or self.window_s <= 0:
+        if last is None or self.window_s <= 0 or load >= last[0]:
             average = float(load)
         else:
             average, when = last
@@ -128,8 +130,9 @@ class Policy:
 
     name = "pow2"
 
-    def __init__(self, imbalance: int, kv_limit: float, rng: Optional[random.Random] = None):
-        self.imbalance = imbalance
+    def __init__(self, imbalance: int, imbalance_ratio: float, kv_limit: float,
+                 rng: Optional[random.Random] = None):
+        self.imbalance, self.imbalance_ratio = imbalance, imbalance_ratio
         self.kv_limit = kv_limit
         self.rng = rng or random.Random()
 
@@ -163,8 +166,13 @@ class Policy:
                                                                 self.rng.random()))]
 
     def _overloaded(self, load: Load, loads: list[Load]) -> bool:
-        least = min(_averaged(l) for l in loads)
-        return _averaged(load) - least > self.imbalance or load.kv_usage >= self.kv_limit
+        """Beyond the least loaded replica by more than `imbalance` AND more than `imbalance_ratio` times
+        its load (the rule of SGLang's and vLLM's routers), or KV nearly full. Why both: between two busy
+        replicas a gap of a few requests costs each a little, a lost prefix costs its whole prefill."""
+        if load.kv_usage >= self.kv_limit:
+            return True
+        least, mine = min(_averaged(l) for l in loads), _averaged(load)
+        return mine - least > self.imbalance and mine > self.imbalance_ratio * least
 
     def _prefer(self, favourite: Load, loads: list[Load]) -> list[list[str]]:
         """The favourite alone first; if Serve finds it full, the pow2 choice among the others."""
@@ -232,9 +240,9 @@ class Session(Policy):
             del self.sessions[session]
 
 
-def make_policy(name: str, *, imbalance: int, kv_limit: float, index_blocks: int, max_sessions: int,
-                rng: Optional[random.Random] = None) -> Policy:
-    common = dict(imbalance=imbalance, kv_limit=kv_limit, rng=rng)
+def make_policy(name: str, *, imbalance: int, imbalance_ratio: float, kv_limit: float, index_blocks: int,
+                max_sessions: int, rng: Optional[random.Random] = None) -> Policy:
+    common = dict(imbalance=imbalance, imbalance_ratio=imbalance_ratio, kv_limit=kv_limit, rng=rng)
     if name == "prefix_affinity":
         return PrefixAffinity(PrefixIndex(index_blocks), **common)
     if name == "session":

@@ -13,8 +13,8 @@ Load is what each replica reports (`LLMServer.record_routing_stats`, every `stat
 requests, sliding-window-aware KV use, how many requests it received from each picker) plus what was sent its
 way since, which the report cannot show yet. (Not Serve's queue-length cache: probes and rejections overwrite
 it, and after a replica loss and an overload burst it over-counted one replica for good: pow2 split 107/53.)
-The overload check of the affinity policies compares these loads averaged over `load_average_s`
-(`policies.LoadAverage`): a replica whose batch just ended is not idle for long.
+The overload check of the affinity policies compares these loads with each fall spread over
+`load_average_s` (`policies.LoadAverage`): a replica whose batch just ended is not idle for long.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         `metrics`: observability.request_metrics."""
         cfg = RoutingConfig(**routing)
         self.metrics = RoutingMetrics(self._deployment_id.app_name, cfg.policy, enabled=metrics)
-        self.policy: Policy = make_policy(cfg.policy, imbalance=cfg.imbalance, kv_limit=cfg.kv_limit,
-                                          index_blocks=cfg.index_blocks, max_sessions=cfg.max_sessions)
+        self.policy: Policy = make_policy(
+            cfg.policy, imbalance=cfg.imbalance, imbalance_ratio=cfg.imbalance_ratio, kv_limit=cfg.kv_limit,
+            index_blocks=cfg.index_blocks, max_sessions=cfg.max_sessions)
         self.in_flight: Counter[str] = Counter()  # sent through Serve, not completed (proxy path)
         self.picks: dict[str, Counter[str]] = {}  # picker -> replica -> picks (ingress-router path)
         # Picks of the last few reports' time: a pick that never arrives (HAProxy sent it elsewhere after a

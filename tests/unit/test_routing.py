@@ -11,7 +11,8 @@ from mistral_ray.routing.policies import Load, LoadAverage, PrefixIndex, kv_usag
 
 
 def policy(name, **kw):
-    return make_policy(name, imbalance=kw.pop("imbalance", 4), kv_limit=kw.pop("kv_limit", 0.9),
+    return make_policy(name, imbalance=kw.pop("imbalance", 4), imbalance_ratio=kw.pop("imbalance_ratio", 1.0),
+                       kv_limit=kw.pop("kv_limit", 0.9),
                        index_blocks=kw.pop("index_blocks", 1000), max_sessions=kw.pop("max_sessions", 100),
                        rng=random.Random(0))
 
@@ -121,12 +122,12 @@ def test_prefix_affinity_falls_back_to_pow2_when_its_favourite_is_overloaded():
     assert p.rank(h, [Load("a", 0, kv_usage=0.95), Load("b", 0)])[0][0] == "b"  # KV nearly full
 
 
-def test_load_average_follows_a_step_over_its_window():
+def test_load_average_rises_at_once_and_falls_over_its_window():
     avg = LoadAverage(window_s=1.0)
     assert avg.update("a", 16, now=0.0) == 16  # first sight: the load itself
     assert avg.update("a", 0, now=0.1) == pytest.approx(16 * math.exp(-0.1))  # a batch ended: still ~14
     assert avg.update("a", 0, now=5.0) < 0.2  # seconds later: the new level
-    assert avg.update("a", 12, now=5.0) < 0.2  # no time passed: no weight
+    assert avg.update("a", 12, now=5.0) == 12  # a rise counts at once (requests that are there)
     avg.forget("a")
     assert avg.update("a", 7, now=6.0) == 7
     assert LoadAverage(window_s=0).update("b", 3, now=0.0) == 3 and LoadAverage(0).update("b", 0, 9.0) == 0
@@ -223,9 +224,23 @@ def test_session_sticks_and_moves_on_overload():
     assert p.rank(RouteHint(), [Load("a", 1), Load("b", 0)]) == [["b"], ["a"]]  # no session: pow2
 
 
+def test_overload_needs_both_the_gap_and_the_ratio():
+    p = policy("prefix_affinity", imbalance=8, imbalance_ratio=1.5)
+    h = hint("F" * 64)
+    p.routed(h, "a")
+    # Two busy replicas 10 apart: a's load is 1.4x b's, the prefix is worth more than the gap. Stays.
+    assert p.decide(h, [Load("a", 35, average=35.0), Load("b", 25, average=25.0)]).reason == "prefix"
+    # The same gap against a nearly idle replica: moves.
+    assert p.decide(h, [Load("a", 12, average=12.0), Load("b", 2, average=2.0)]).reason == "overloaded"
+    # 2x the load but within the gap: stays.
+    assert p.decide(h, [Load("a", 8, average=8.0), Load("b", 4, average=4.0)]).reason == "prefix"
+    # KV nearly full moves it whatever the loads.
+    assert p.decide(h, [Load("a", 1, kv_usage=0.95), Load("b", 1)]).reason == "overloaded"
+
+
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown routing policy 'random'"):
-        make_policy("random", imbalance=1, kv_limit=0.9, index_blocks=1, max_sessions=1)
+        make_policy("random", imbalance=1, imbalance_ratio=1.0, kv_limit=0.9, index_blocks=1, max_sessions=1)
 
 
 def test_hint_from_any_body_never_fails():
