@@ -218,8 +218,9 @@ class RoutingConfig(_Strict):
         "moved conversations cost prefix hits and bought no throughput or TTFT (docs/benchmarks.md, session 10)."
     )
     imbalance_ratio: float = Field(
-        1.5, ge=1, description="... and only when they also exceed `imbalance_ratio` times the least loaded "
-        "replica's (both averaged). SGLang's and vLLM's routers use the same two-threshold rule (64 and 1.5)."
+        1.5, ge=1, description="A favourite replica is skipped only when its load also exceeds this many "
+        "times the least loaded replica's (both as the `imbalance` check sees them). SGLang's and vLLM's "
+        "cache-aware routers use the same two-threshold rule (64 and 1.5)."
     )
     kv_limit: float = Field(0.95, gt=0, description="A favourite replica is skipped at this KV-cache use.")
     load_average_s: float = Field(

@@ -6,13 +6,13 @@ the request's `RouteHint` (`routing/hint.py`), and the request goes to the first
 - `pow2`: two random replicas, the less loaded first (load-aware baseline).
 - `prefix_affinity`: the replica holding the longest cached prefix of the prompt, unless it is overloaded
   (load beyond the least loaded replica's by more than `imbalance` and `imbalance_ratio` times, or KV nearly
-  full); then `pow2`. A chat's
-  first request (no assistant message yet) goes by load too: all it can share is a system prompt.
+  full); then `pow2`. A chat's first request (no assistant message yet) goes by load too: all it can share
+  is a system prompt.
 - `session`: the replica a session (header or `user` field) went to before, with the same overload fallback.
 
 Load is queued + running requests as the replicas report them; the overload check sees each load rise at
-once and fall slowly (`LoadAverage`, see there why). KV pressure counts each sequence's KV as min(length, sliding_window)
-tokens: with Mistral's sliding window a sequence never holds more than W tokens
+once and fall slowly (`LoadAverage`, see there why). KV pressure counts each sequence's KV as
+min(length, sliding_window) tokens: with Mistral's sliding window a sequence never holds more than W tokens
 of KV, however long it grows, so long conversations do not look heavier than they are.
 """
 
