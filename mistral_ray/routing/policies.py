@@ -50,7 +50,7 @@ class LoadAverage:
     batch's end (the chat trace at concurrency 32, 2 replicas: docs/benchmarks.md, session 8). A sustained
     imbalance still shows within a window or two. Why it rises at once: a rise is requests that are there,
     most of them our own picks; averaged in slowly, a replica that just took a burst of moved conversations
-    still looked light, and drew more (session 10: 9 moves in 0.1 s where 2 closed the gap)."""
+    still looked light, and drew more (session 10: 8 moves in 0.12 s where 2 or 3 closed the gap)."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s
