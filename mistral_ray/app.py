@@ -16,19 +16,15 @@ from mistral_ray.routing import ingress
 from mistral_ray.server import quota, replica
 
 
-def haproxy_enabled() -> bool:
-    """Whether this process's Serve runs HAProxy (read once at import, as every Ray process does)."""
-    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
-
-    return RAY_SERVE_ENABLE_HA_PROXY
-
-
 def build(cfg: ServiceConfig) -> Application:
     # The model is made available by each replica on its own node (see replica.start_vllm), not here:
     # on a cluster the builder runs on the head, which hosts no engine.
-    bank = quota.deployment(cfg).bind(cfg.router.limits) if cfg.router.limits.rate_limited else None
+    r = cfg.router
+    # The bank remembers charged request ids for HAProxy's retries as long as a request may take, twice.
+    bank = (quota.deployment(cfg).bind(r.limits, r.retries, 2 * r.request_timeout_s)
+            if r.limits.rate_limited else None)
     llm = replica.deployment(cfg).bind(cfg, bank)
-    if haproxy_enabled():
+    if replica.haproxy_serves():
         return llm._with_ingress_request_router(ingress.deployment(cfg).bind(llm, cfg))
     return llm
 

@@ -259,9 +259,16 @@ class LimitsConfig(_Strict):
         "null: the context length is the only bound."
     )
     max_tokens: Optional[int] = Field(
-        None, ge=1, description="Largest max_tokens / max_completion_tokens a request may ask for (400 beyond)."
+        None, ge=1, description="Most completion tokens per sequence: a request asking for more (max_tokens, "
+        "max_completion_tokens, max_output_tokens, however encoded) gets 400; one that asks for none gets "
+        "this many at most (the engine's cap on every route, vLLM's max_new_tokens override). null: the "
+        "context length is the only bound."
     )
     max_n: int = Field(8, ge=1, description="Most choices (`n`) per request (400 beyond).")
+    max_batch_prompts: int = Field(
+        32, ge=1, description="Most prompts in one completions request (`prompt` as a list; 400 beyond). Each "
+        "is a sequence per choice: n x prompts count as the request's load and in its token charge."
+    )
     requests_per_minute: Optional[int] = Field(
         None, ge=1, description="Per API key (or for everyone when keys are off), for the whole application "
         "(one QuotaBank replica holds every key's buckets); 429 with Retry-After beyond. null: no limit."

@@ -18,7 +18,7 @@ E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
 ROUTE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]
 
 REJECT_REASONS = (
-    "validation", "too_large", "model_not_found", "auth", "rate_limit", "overload", "timeout"
+    "validation", "too_large", "model_not_found", "auth", "rate_limit", "overload", "timeout", "not_served"
 )
 
 

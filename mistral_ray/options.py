@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from mistral_ray.config import STATE_DIR, ServiceConfig
 from mistral_ray.engine.step_wait import ENV as STEP_WAIT_ENV
+from mistral_ray.proxy import GUARD_ENV
 
 LLM_DEPLOYMENT = "LLMServer"
 INGRESS_ROUTER_DEPLOYMENT = "IngressRouter"
@@ -50,6 +51,11 @@ def vllm_args(cfg: ServiceConfig) -> dict[str, Any]:
     if e.device == "cuda":
         args["gpu_memory_utilization"] = e.gpu_memory_utilization
     args.update(e.extra_args)
+    cap = cfg.router.limits.max_tokens
+    if cap is not None:
+        # The engine's own cap on completion tokens, on every route, asked or not: vLLM takes the smallest of
+        # this, the request's value and the rest of the context (a request without max_tokens gets the cap).
+        args["override_generation_config"] = {**(args.get("override_generation_config") or {}), "max_new_tokens": cap}
     return {k: v for k, v in args.items() if v is not None}
 
 
@@ -99,8 +105,9 @@ def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[s
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(cfg.observability.haproxy_metrics_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{r.deregister_s:g}",
         **placement,
-        **({"RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(scripts_dir or Path(sys.executable).parent)
-                                                 / "mistral-ray-haproxy")} if r.stream_guard else {}),
+        # Our wrapper of HAProxy (proxy/haproxy.py): request ids and OpenAI error bodies, and the stream guard.
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(scripts_dir or Path(sys.executable).parent) / "mistral-ray-haproxy"),
+        **({} if r.stream_guard else {GUARD_ENV: "0"}),
     }
 
 

@@ -1,9 +1,10 @@
 """One vLLM AsyncLLM engine and vLLM's own OpenAI app for it, built as `vllm serve` builds them.
 
-The replica serves that app itself (every route `vllm serve` has: chat, completions, responses, tokenize,
-detokenize, models, ...); our layer around it lives in `mistral_ray/server/`. The only behaviour we change
-inside vLLM is the context check: prompt + max_tokens beyond the context is a 400, as OpenAI answers,
-where vLLM would silently shorten max_tokens.
+The replica serves that app behind our gate (`mistral_ray/server/`), which forwards only the routes of its
+table. The only behaviour we change inside vLLM is at its renderer, which every generation route renders
+its prompt through (chat, Anthropic messages, completions, the Responses API and its next turns): a prompt
+beyond `max_prompt_tokens` is a 400, and so is prompt + completion tokens beyond the context, as OpenAI
+answers, where vLLM would silently shorten the completion.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -26,6 +28,9 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+from mistral_ray.engine.requests import read
+from mistral_ray.server.generation import Generation
 
 logger = logging.getLogger("ray.serve")
 # Python's own bug exceptions: raised by vLLM's code, never by a client's input. vLLM answers TypeError with a
@@ -71,36 +76,56 @@ def server_args(vllm_args: dict[str, Any]):
     return args
 
 
-def _reject_overlong(serving: Any, render: str, max_prompt_tokens: Optional[int]) -> None:
-    """Make `serving.<render>` reject prompt + max_tokens beyond the context, as OpenAI does, and prompts
-    beyond `max_prompt_tokens` (the operator's limit). The check runs on the rendered prompt, so nothing is
-    tokenized twice."""
-    inner = getattr(serving, render)
-    limit = serving.model_config.max_model_len
+def _completion_tokens(request: Any) -> tuple[Optional[int], str]:
+    """What a rendered request asks the engine for, and the field (chat: max_completion_tokens first)."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = getattr(request, name, None)
+        if value is not None:
+            return value, name
+    return None, "max_tokens"
 
-    async def checked(request, *args, **kwargs):
-        result = await inner(request, *args, **kwargs)
-        if isinstance(result, ErrorResponse):
-            return result
-        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        inputs = result[1] if isinstance(result, tuple) else result
-        for engine_input in inputs:
-            prompt = serving._extract_prompt_len(engine_input)
-            if max_prompt_tokens is not None and prompt > max_prompt_tokens:
-                return serving.create_error_response(
-                    f"The prompt has {prompt} tokens; this server accepts at most {max_prompt_tokens}.",
-                    param="messages" if "chat" in render else "prompt",
-                )
-            if wanted is not None and prompt + wanted > limit:
-                return serving.create_error_response(
-                    f"This model's maximum context length is {limit} tokens. However, you requested "
-                    f"{prompt + wanted} tokens ({prompt} in the prompt, {wanted} for the completion). "
-                    "Please reduce the length of the prompt or of max_tokens.",
-                    param="max_tokens",
-                )
+
+def _engine_inputs(result: Any) -> list:
+    if isinstance(result, tuple):  # render_chat: (conversation, engine inputs)
+        return list(result[1])
+    if isinstance(result, list):  # render_completion: one per prompt of a batch
         return result
+    return [result.engine_input]  # render_responses: ResponsesRenderResult
 
-    setattr(serving, render, checked)
+
+def _reject_overlong(renderer: Any, model_config: Any, max_prompt_tokens: Optional[int]) -> None:
+    """Make the renderer's `render_chat`, `render_completion` and `render_responses` reject every prompt
+    beyond `max_prompt_tokens` and prompt + completion tokens beyond the context. The check runs on the
+    rendered prompt, so nothing is tokenized twice."""
+    limit = model_config.max_model_len
+
+    def checked(render: str):
+        inner = getattr(renderer, render)
+
+        async def render_checked(request, *args, **kwargs):
+            result = await inner(request, *args, **kwargs)
+            if isinstance(result, ErrorResponse):
+                return result
+            wanted, wanted_param = _completion_tokens(request)
+            param = "input" if render == "render_responses" else "prompt" if "completion" in render else "messages"
+            for engine_input in _engine_inputs(result):
+                prompt = extract_prompt_len(model_config, engine_input)
+                if max_prompt_tokens is not None and prompt > max_prompt_tokens:
+                    return renderer.create_error_response(
+                        f"The prompt has {prompt} tokens; this server accepts at most {max_prompt_tokens}.",
+                        param=param)
+                if wanted is not None and prompt + wanted > limit:
+                    return renderer.create_error_response(
+                        f"This model's maximum context length is {limit} tokens. However, you requested "
+                        f"{prompt + wanted} tokens ({prompt} in the prompt, {wanted} for the completion). "
+                        "Please reduce the length of the prompt or of the completion.",
+                        param=wanted_param)
+            return result
+
+        setattr(renderer, render, render_checked)
+
+    for render in ("render_chat", "render_completion", "render_responses"):
+        checked(render)
 
 
 class VLLMEngine:
@@ -108,13 +133,10 @@ class VLLMEngine:
 
     def __init__(self, llm: AsyncLLM, state: State, args, tasks: tuple, max_prompt_tokens: Optional[int] = None):
         self.llm, self.state, self.args, self.tasks = llm, state, args, tasks
-        for name, render in (("openai_serving_chat", "render_chat_request"),
-                             ("openai_serving_completion", "render_completion_request")):
-            serving = getattr(state, name, None)
-            if serving is not None:
-                _reject_overlong(serving, render, max_prompt_tokens)
+        # One renderer serves every generation route (each serving holds this same object).
+        _reject_overlong(state.online_renderer, llm.model_config, max_prompt_tokens)
         for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses",
-                     "serving_tokenization"):
+                     "anthropic_serving_messages", "serving_tokenization"):
             if getattr(state, name, None) is not None:
                 _faults_are_500(getattr(state, name))
 
@@ -148,6 +170,10 @@ class VLLMEngine:
         # Serve's health check replaces a replica whose engine died, but the attribute must exist.
         app.state.server = types.SimpleNamespace()
         return app
+
+    def read_request(self, route: str, payload: dict) -> Generation:
+        """A generation request as this vLLM's request models read it (the gate's limits judge this)."""
+        return read(route, payload)
 
     def info(self) -> dict[str, Any]:
         """What the engine actually runs with, as vLLM resolved it (not what we asked for)."""

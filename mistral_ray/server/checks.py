@@ -1,8 +1,13 @@
-"""The checks a request passes before the engine, as one flat pipeline: key, size, JSON, model, shape,
-limits, room, rate. Each check passes or raises `Refused`; the gate answers every refusal in one place.
+"""The checks a request passes before the engine, as one flat pipeline: route, key, size, JSON, model,
+shape, the request as the engine reads it, limits, room, rate. Each check passes or raises `Refused`; the
+gate answers every refusal in one place.
 
-Everything a hostile client can send (huge or endless bodies, deep nesting, invalid UTF-8, wrong shapes)
-ends here as an OpenAI-shaped 4xx; vLLM only sees JSON objects of bounded size that name our model.
+Everything a hostile client can send (huge or endless bodies, deep nesting, invalid UTF-8, wrong shapes,
+numbers as strings) ends here as an OpenAI-shaped 4xx; vLLM only sees JSON objects of bounded size that
+name our model, on a route of the table (`routes.py`). The limits are judged on the request as vLLM's own
+request models read it (`Generation`, from the engine's reader), so no encoding of a number passes them;
+the engine enforces `max_tokens` besides (vLLM's generation-config override) and `max_prompt_tokens` and
+the context on the rendered prompt (engine/vllm_engine.py).
 """
 
 from __future__ import annotations
@@ -12,29 +17,30 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from mistral_ray.config import ServiceConfig
-from mistral_ray.routing.hint import prompt_text
 from mistral_ray.server.auth import ApiKeys
 from mistral_ray.server.errors import Refused
+from mistral_ray.server.generation import Generation
 from mistral_ray.server.limits import check_sizes, requested_tokens
+from mistral_ray.server.load import Inflight, Sequence
 from mistral_ray.server.quota import Charge, Quota
+from mistral_ray.server.routes import Route
 
-# Routes whose JSON body we read, by path, with the label metrics use.
-JSON_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
-               "/tokenize": "tokenize", "/detokenize": "detokenize"}
-GENERATION = ("chat", "completions", "responses")
-# Open without a key, as probes and load balancers call them.
-OPEN_PATHS = frozenset({"/health", "/ready", "/ping", "/version"})
+# Routes whose streams end with a usage chunk only when `stream_options.include_usage` asks for it.
+USAGE_OPTION = ("chat", "completions")
+# What reading a body with vLLM's request models raises for a client's input (pydantic's ValidationError
+# is a ValueError; vLLM's own validators raise the others on shapes they do not expect).
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError)
 
 
 @dataclass
 class Admitted:
     """A request that passed every check, with what the gate needs to forward and account for it."""
 
-    route: str
+    route: Route
     key_id: str
     body: bytes
     stream: bool = False
-    prompt_chars: int = 0
+    seq: Optional[Sequence] = None  # its slot in the replica's load (generation routes)
     charge: Optional[Charge] = None
     hide_usage: bool = False  # we asked vLLM for the stream's usage chunk; the client did not
 
@@ -47,7 +53,7 @@ def _is_token_ids(value: Any) -> bool:
 def check_shape(route: str, payload: dict[str, Any]) -> None:
     """The OpenAI contract's required input, checked before vLLM sees it: vLLM's request models let some of
     these through (`messages: null`, an empty list) and then fail deep in rendering with a server error."""
-    if route == "chat":
+    if route in ("chat", "messages"):
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
             raise Refused(400, "messages must be a non-empty array of message objects", param="messages")
@@ -77,15 +83,24 @@ def parse(body: bytes) -> dict[str, Any]:
     return payload
 
 
+def _unreadable(exc: Exception) -> Refused:
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and errors():  # pydantic: name the field as vLLM's own 400 would
+        first = errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        return Refused(400, f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")), param=loc or None)
+    return Refused(400, f"the request cannot be read: {type(exc).__name__}: {exc}")
+
+
 class Checks:
-    def __init__(self, cfg: ServiceConfig, keys: Optional[ApiKeys], quota: Optional[Quota],
-                 has_room: Callable[[], bool]):
-        self.cfg, self.keys, self.quota, self.has_room = cfg, keys, quota, has_room
+    def __init__(self, cfg: ServiceConfig, keys: Optional[ApiKeys], quota: Optional[Quota], load: Inflight,
+                 read: Callable[[str, dict], Generation]):
+        self.cfg, self.keys, self.quota, self.load, self.read = cfg, keys, quota, load, read
         self.limits = cfg.router.limits
 
-    def authenticate(self, path: str, headers: dict[bytes, bytes]) -> str:
-        """The caller's key id ("none" with keys off or on an open path)."""
-        if self.keys is None or path in OPEN_PATHS:
+    def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
+        """The caller's key id ("none" with keys off or on a probe)."""
+        if self.keys is None or route.kind == "probe":
             return "none"
         auth = headers.get(b"authorization")
         key_id = self.keys.identify(auth.decode("latin-1") if auth else None)
@@ -123,32 +138,44 @@ class Checks:
             raise Refused(404, f"The model `{model}` does not exist.", param="model", code="model_not_found",
                           reason="model_not_found")
 
-    async def admit(self, route: str, method: str, headers: dict[bytes, bytes], receive, key_id: str) -> Admitted:
+    def generation(self, route: str, payload: dict[str, Any]) -> Generation:
+        """The request as the engine will read it, or the 400 its own request model would give."""
+        try:
+            return self.read(route, payload)
+        except _UNREADABLE as exc:
+            raise _unreadable(exc) from None
+
+    async def admit(self, route: Route, method: str, headers: dict[bytes, bytes], receive, key_id: str,
+                    request_id: Optional[str] = None) -> Admitted:
         """Everything after the key, in order; the admitted request, or Refused."""
         if method != "POST":
             return Admitted(route, key_id, b"")
         body = await self.read_body(receive, headers)
-        if route == "other":
-            return Admitted(route, key_id, body)
         payload = parse(body)
         self.check_model(payload)
-        check_shape(route, payload)
-        if route not in GENERATION:
+        check_shape(route.label, payload)
+        if not route.generation:
             return Admitted(route, key_id, body)
-        check_sizes(payload, self.limits.max_tokens, self.limits.max_n)
-        if not self.has_room():
+        request = self.generation(route.label, payload)
+        check_sizes(request, self.limits)
+        cfg = self.cfg
+        seq = self.load.reserve(request.prompt_tokens(cfg.router.routing.chars_per_token),
+                                request.n * max(1, request.prompts))
+        if seq is None:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
-        request = Admitted(route, key_id, body, stream=payload.get("stream") is True,
-                           prompt_chars=len(prompt_text(route, payload)))
-        if self.quota is not None:
-            request.charge = await self.quota.admit(key_id, requested_tokens(
-                payload, request.prompt_chars, self.cfg.router.routing.chars_per_token,
-                self.cfg.engine.max_model_len or 0))
-        options = payload.get("stream_options")
-        if request.stream and route != "responses" and (options is None or (
-                isinstance(options, dict) and options.get("include_usage") is not True)):
+        admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq)
+        try:
+            if self.quota is not None:  # the slot is held while the bank answers: arrivals meanwhile see it
+                admitted.charge = await self.quota.admit(key_id, requested_tokens(
+                    request, cfg.router.routing.chars_per_token, self.limits.max_tokens,
+                    cfg.engine.max_model_len or 0), request_id)
+        except BaseException:
+            self.load.remove(seq)
+            raise
+        if request.stream and route.label in USAGE_OPTION and not request.include_usage:
             # vLLM's final usage chunk is how the replica counts a stream's tokens; the client never sees it.
-            payload["stream_options"] = {**(options or {}), "include_usage": True}
-            request.body, request.hide_usage = json.dumps(payload).encode(), True
-        return request
+            options = payload.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            admitted.body, admitted.hide_usage = json.dumps(payload).encode(), True
+        return admitted

@@ -11,6 +11,8 @@ import json
 from typing import Any, Optional
 
 REPLICA_HEADER = "x-mistral-ray-replica"
+# Set by HAProxy on every request (see proxy/haproxy.py), kept on its retries: the quota bank charges it once.
+REQUEST_ID_HEADER = "x-mistral-ray-request-id"
 
 # OpenAI's error `type` for each status, as its API and client SDKs use them.
 _ERROR_TYPES = {

@@ -1,7 +1,8 @@
 """Our layer around vLLM's OpenAI app, inside each LLM replica: the replica is the HTTP server HAProxy
 forwards to, and this ASGI middleware is the first code a request meets.
 
-It answers /health and /ready itself; runs the checks (`checks.py`) and answers refusals; gives vLLM the
+It serves only the routes of its table (`routes.py`: anything else is 404, a WebSocket is refused); answers
+/health and /ready itself; runs the checks (`checks.py`) and answers refusals; gives vLLM the
 (bounded, already read) body; adds the replica header; rewrites every error body into OpenAI's shape; answers
 504 when no first byte comes within `router.request_timeout_s`; and records the request metrics and the load
 routing and autoscaling read. A 2xx body goes out untouched, chunk by chunk as vLLM sends it: per token it
@@ -19,12 +20,16 @@ from typing import Awaitable, Callable, Optional
 
 from mistral_ray.metrics import RequestMetrics
 from mistral_ray.routing.ingress import PICKER_HEADER
-from mistral_ray.server.checks import GENERATION, JSON_ROUTES, Admitted, Checks
-from mistral_ray.server.errors import REPLICA_HEADER, Refused, normalized, sse_error
-from mistral_ray.server.load import Inflight, Sequence
+from mistral_ray.server.checks import Admitted, Checks
+from mistral_ray.server.errors import REPLICA_HEADER, REQUEST_ID_HEADER, Refused, normalized, sse_error
+from mistral_ray.server.load import Inflight
+from mistral_ray.server.routes import Route, route_of
 
 logger = logging.getLogger("ray.serve")
 _PICKER = PICKER_HEADER.encode()
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
+_NOT_SERVED = {404: "no such route on this server (see the README's route table)",
+               405: "this route does not take that method"}
 _USAGE = re.compile(rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens)":\s*(\d+)')
 
 
@@ -58,21 +63,31 @@ def _replay(body: bytes, receive):
 
 class Gate:
     def __init__(self, app, checks: Checks, load: Inflight, metrics: RequestMetrics, replica_id: str,
-                 ready: Callable[[], Awaitable[None]], request_timeout_s: float, ready_timeout_s: float):
+                 ready: Callable[[], Awaitable[None]], request_timeout_s: float, ready_timeout_s: float,
+                 trust_request_id: bool = False):
         self.app, self.checks, self.load, self.metrics = app, checks, load, metrics
         self.replica_id, self.ready = replica_id, ready
         self.header = (REPLICA_HEADER.encode(), replica_id.encode())
         self.request_timeout_s, self.ready_timeout_s = request_timeout_s, ready_timeout_s
+        # HAProxy sets the request id on every request (a client's own is overwritten); without HAProxy
+        # a client could send one, so it is not read.
+        self.trust_request_id = trust_request_id
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":  # lifespan: vLLM's app starts its stats logging task
+        kind = scope["type"]
+        if kind == "lifespan":  # vLLM's app starts its stats logging task
             return await self.app(scope, receive, send)
-        path = _path(scope)
-        if path == "/health":
+        if kind != "http":  # no WebSocket route is served: refused before the handshake (HTTP 403)
+            return await send({"type": "websocket.close", "code": 1008})
+        route, refused = route_of(scope["method"], _path(scope))
+        if refused is not None:
+            self.metrics.reject(route.label, "not_served")
+            return await self.answer(send, refused, Refused(refused, _NOT_SERVED[refused]).body())
+        if route.label == "health":
             return await self.answer(send, 200, {"status": "ok"})
-        if path == "/ready":
+        if route.label == "ready":
             return await self._ready(send)
-        await self._serve(scope, receive, send, path)
+        await self._serve(scope, receive, send, route)
 
     async def answer(self, send, status: int, payload, extra: list = ()) -> None:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -89,49 +104,50 @@ class Gate:
             return await self.answer(send, 503, refusal.body())
         await self.answer(send, 200, {"status": "ready", "replica": self.replica_id})
 
-    async def _serve(self, scope, receive, send, path: str) -> None:
+    async def _serve(self, scope, receive, send, route: Route) -> None:
         start = time.perf_counter()
         headers = dict(scope["headers"])
-        route = JSON_ROUTES.get(path, "other")
         request: Optional[Admitted] = None
         key_id, status = "unknown", 500
-        self.metrics.started(route)
-        picker = headers.get(_PICKER)  # every request an ingress router sent here, refused or not
-        self.load.arrived(picker.decode() if picker else None)
+        self.metrics.started(route.label)
         try:
-            key_id = self.checks.authenticate(path, headers)
-            request = await self.checks.admit(route, scope["method"], headers, receive, key_id)
+            key_id = self.checks.authenticate(route, headers)
+            picker = headers.get(_PICKER)  # an authenticated request an ingress router sent here
+            self.load.arrived(picker.decode("latin-1") if picker else None)
+            request_id = headers.get(_REQUEST_ID) if self.trust_request_id else None
+            request = await self.checks.admit(route, scope["method"], headers, receive, key_id,
+                                              request_id.decode("latin-1") if request_id else None)
             status = await self._forward(scope, receive, send, request, start)
         except Refused as refusal:
             status = refusal.status
             if status != 499:  # 499: the client left while sending its body, nobody to answer
-                self.metrics.reject(route, refusal.reason)
+                self.metrics.reject(route.label, refusal.reason)
                 if status == 401:
-                    logger.info("refused %s %s: missing or unknown API key", scope["method"], path)
+                    logger.info("refused %s %s: missing or unknown API key", scope["method"], scope["path"])
                 await self.answer(send, status, refusal.body(), refusal.headers())
         except asyncio.CancelledError:  # the client disconnected: Serve cancels the request
             status = 499
             raise
         finally:
-            self.metrics.finished(route, status, key_id)
-            if request is not None and request.charge and 400 <= status < 500 and status != 499:
-                self.checks.quota.refund(key_id, request.charge)  # the engine refused it: nothing generated
+            self.metrics.finished(route.label, status, key_id)
+            if request is not None:
+                if request.seq is not None:
+                    self.load.remove(request.seq)
+                if request.charge and 400 <= status < 500 and status != 499:
+                    self.checks.quota.refund(key_id, request.charge)  # the engine refused it: nothing generated
 
     async def _forward(self, scope, receive, send, request: Admitted, start: float) -> int:
-        seq = self.load.add(request.prompt_chars)
-        exchange = Exchange(self, send, request, start, seq)
+        exchange = Exchange(self, send, request, start)
         app = self.app(scope, _replay(request.body, receive) if scope["method"] == "POST" else receive,
                        exchange.send)
         try:
-            if request.route in GENERATION:
+            if request.route.generation:
                 await self._bounded(app, exchange)
             else:
                 await app
         except Exception:  # vLLM's app raised past its own handlers: an engine fault, never the client's
-            logger.exception("%s: the engine failed the request", request.route)
+            logger.exception("%s: the engine failed the request", request.route.label)
             await exchange.fail(500, "the engine failed the request", "engine_error")
-        finally:
-            self.load.remove(seq)
         return exchange.status
 
     async def _bounded(self, app: Awaitable, exchange: "Exchange") -> None:
@@ -144,7 +160,7 @@ class Gate:
                 return await task
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            self.metrics.reject(exchange.request.route, "timeout")
+            self.metrics.reject(exchange.request.route.label, "timeout")
             await exchange.fail(504, f"no answer from the engine within {self.request_timeout_s:g}s "
                                 "(router.request_timeout_s)", "timeout")
         finally:
@@ -155,8 +171,8 @@ class Gate:
 class Exchange:
     """One request's response on its way out: status, header, first byte, usage, error bodies."""
 
-    def __init__(self, gate: Gate, send, request: Admitted, start: float, seq: Sequence):
-        self.gate, self._send, self.request, self.start, self.seq = gate, send, request, start, seq
+    def __init__(self, gate: Gate, send, request: Admitted, start: float):
+        self.gate, self._send, self.request, self.start, self.seq = gate, send, request, start, request.seq
         self.status = 500
         self.started = False  # response headers went out
         self.first_byte = asyncio.get_running_loop().create_future()
@@ -184,30 +200,33 @@ class Exchange:
         if body:
             if not self.first_byte.done():
                 self._first()
-            self.seq.tokens += 1
+            if self.seq is not None:
+                self.seq.tokens += 1
             if b'"usage":{' in body and (self.request.stream or not more):
                 self._count(body)
                 if self.request.hide_usage and b'"choices":[]' in body:
                     return  # the usage chunk we asked for; the client did not
         if not more and self.status < 400:
-            self.gate.metrics.completed(self.request.route, self.request.stream, time.perf_counter() - self.start)
+            self.gate.metrics.completed(self.request.route.label, self.request.stream,
+                                        time.perf_counter() - self.start)
         await self._send(message)
 
     def _first(self) -> None:
         self.first_byte.set_result(None)
-        self.seq.started = True
-        self.gate.metrics.first_byte(self.request.route, self.request.stream, time.perf_counter() - self.start)
+        if self.seq is not None:
+            self.seq.started = True
+        self.gate.metrics.first_byte(self.request.route.label, self.request.stream, time.perf_counter() - self.start)
 
     def _count(self, body: bytes) -> None:
         usage = usage_of(body)
         if usage is not None:
-            self.gate.metrics.count_tokens(self.request.route, *usage)
+            self.gate.metrics.count_tokens(self.request.route.label, *usage)
 
     async def _error(self) -> None:
         """vLLM's (or FastAPI's) error, rewritten into OpenAI's body; a 4xx here is a validation refusal."""
         status = self.status
         if 400 <= status < 500:
-            self.gate.metrics.reject(self.request.route, "validation")
+            self.gate.metrics.reject(self.request.route.label, "validation")
         await self.gate.answer(self._send, status, normalized(status, self.error))
         self.started = True
 

@@ -3,19 +3,22 @@
 Per API key, two token buckets (requests/min and tokens/min, OpenAI's RPM/TPM): a bucket holds up to one
 minute's allowance and refills continuously, so short bursts pass and sustained excess gets 429 with the
 seconds until enough has refilled. Tokens are counted at admission as OpenAI does: the prompt's estimated
-tokens plus the completion tokens asked for (`max_tokens`, or the model's context when absent); a request
-the engine refuses before generating (a 4xx of its own) is given its charge back.
-Size limits (`max_tokens`, `n`) give 400 with the parameter named.
+tokens plus the completion tokens the engine may produce (asked for, or the limit the engine applies when
+absent); a request the engine refuses before generating (a 4xx of its own) is given its charge back.
+Size limits (`max_tokens`, `n`, prompts per batch) give 400 with the parameter named.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
+from mistral_ray.config import LimitsConfig
 from mistral_ray.server.errors import Refused
+from mistral_ray.server.generation import Generation
 
 
 class TokenBucket:
@@ -56,6 +59,7 @@ class RateLimiter:
                  now: Callable[[], float] = time.monotonic):
         self.rpm, self.tpm, self.now, self.max_keys = requests_per_minute, tokens_per_minute, now, max_keys
         self.buckets: OrderedDict[str, tuple[Optional[TokenBucket], Optional[TokenBucket]]] = OrderedDict()
+        self.lock = threading.Lock()  # check and take are one step, whichever thread calls
 
     def _buckets(self, key_id: str):
         if key_id not in self.buckets:
@@ -68,6 +72,10 @@ class RateLimiter:
 
     def admit(self, key_id: str, tokens: int) -> tuple[float, float]:
         """Charge one request and `tokens`, or raise Refused(429). Returns the charge (requests, tokens)."""
+        with self.lock:
+            return self._admit(key_id, tokens)
+
+    def _admit(self, key_id: str, tokens: int) -> tuple[float, float]:
         requests, token_bucket = self._buckets(key_id)
         waits = [(requests.wait_s(1) if requests else 0.0, "requests", self.rpm),
                  (token_bucket.wait_s(tokens) if token_bucket else 0.0, "tokens", self.tpm)]
@@ -80,35 +88,30 @@ class RateLimiter:
 
     def refund(self, key_id: str, charge: tuple[float, float]) -> None:
         """Give back a charge the engine never used (it refused the request before generating)."""
-        if key_id not in self.buckets:
-            return
-        for bucket, amount in zip(self.buckets[key_id], charge):
-            if bucket is not None and amount:
-                bucket.give_back(amount)
+        with self.lock:
+            for bucket, amount in zip(self.buckets.get(key_id, ()), charge):
+                if bucket is not None and amount:
+                    bucket.give_back(amount)
 
 
-def _int_field(payload: dict[str, Any], name: str) -> Optional[int]:
-    value = payload.get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def check_sizes(request: Generation, limits: LimitsConfig) -> None:
+    """`n`, the completion tokens asked for and the prompts of a batch within the configured limits, judged
+    on the request as the engine reads it (a `"5"` is 5)."""
+    cap = limits.max_tokens
+    if cap is not None and request.max_tokens is not None and request.max_tokens > cap:
+        name = request.max_tokens_param
+        raise Refused(400, f"{name} is {request.max_tokens}; this server allows at most {cap}.", param=name,
+                      code="max_tokens_too_large")
+    if request.n > limits.max_n:
+        raise Refused(400, f"n is {request.n}; this server allows at most {limits.max_n} choices per request.",
+                      param="n", code="n_too_large")
+    if request.prompts > limits.max_batch_prompts:
+        raise Refused(400, f"the request has {request.prompts} prompts; this server allows at most "
+                      f"{limits.max_batch_prompts} per request.", param="prompt", code="too_many_prompts")
 
 
-def check_sizes(payload: dict[str, Any], max_tokens: Optional[int], max_n: int) -> None:
-    """`max_tokens`/`max_completion_tokens`/`max_output_tokens` and `n` within the configured limits (types
-    are vLLM's to validate: a wrong type gets its 400 there)."""
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = _int_field(payload, name)
-        if max_tokens is not None and value is not None and value > max_tokens:
-            raise Refused(400, f"{name} is {value}; this server allows at most {max_tokens}.", param=name,
-                          code="max_tokens_too_large")
-    n = _int_field(payload, "n")
-    if n is not None and n > max_n:
-        raise Refused(400, f"n is {n}; this server allows at most {max_n} choices per request.", param="n",
-                      code="n_too_large")
-
-
-def requested_tokens(payload: dict[str, Any], prompt_chars: int, chars_per_token: float, context: int) -> int:
-    """What a request may cost in tokens, counted before it runs: prompt estimate + completion budget x n."""
-    wanted = (_int_field(payload, "max_completion_tokens") or _int_field(payload, "max_tokens")
-              or _int_field(payload, "max_output_tokens") or context)
-    n = max(1, _int_field(payload, "n") or 1)
-    return int(prompt_chars / chars_per_token) + max(0, wanted) * n
+def requested_tokens(request: Generation, chars_per_token: float, limit: Optional[int], context: int) -> int:
+    """What a request may cost in tokens, counted before it runs: every prompt's estimate plus the
+    completion budget of each of its n x prompts sequences."""
+    sequences = request.n * max(1, request.prompts)
+    return request.prompt_tokens(chars_per_token) + request.completion_budget(limit, context) * sequences

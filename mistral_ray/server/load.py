@@ -2,44 +2,56 @@
 
 A request is waiting until its first body byte goes out, then running. KV is estimated per sequence as
 min(length, sliding_window) tokens (see routing/policies.py); lengths start from the prompt's characters and
-grow with each streamed chunk. Arrivals count, per ingress router, the requests it picked this replica for,
-so that router can tell which of its picks a report already includes.
+grow with each streamed chunk. A request's slot is reserved before anything is awaited for it (the quota
+bank), so the bound `max_ongoing_requests` holds however many arrive at once. Arrivals count, per ingress
+router, the authenticated requests it picked this replica for, so that router can tell which of its picks a
+report already includes; at most `MAX_PICKERS` routers are remembered (HAProxy strips the header from
+clients, but a replica's port can be reached without HAProxy).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import OrderedDict
+from itertools import chain, repeat
 from typing import Optional
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
 from mistral_ray.routing.policies import ARRIVALS, kv_usage
 
 
-class Sequence:
-    __slots__ = ("tokens", "started")
+MAX_PICKERS = 256  # ingress routers, one per node
+_PICKER_CHARS = 64
 
-    def __init__(self, tokens: int):
-        self.tokens, self.started = tokens, False
+
+class Sequence:
+    """One admitted request: `width` sequences in the engine (n x prompts) of about `tokens` each."""
+
+    __slots__ = ("tokens", "width", "started")
+
+    def __init__(self, tokens: int, width: int = 1):
+        self.tokens, self.width, self.started = tokens, max(1, width), False
 
 
 class Inflight:
-    def __init__(self, chars_per_token: float, sliding_window: Optional[int], kv_capacity_tokens: int,
-                 max_ongoing: int):
-        self.chars_per_token = chars_per_token
+    def __init__(self, sliding_window: Optional[int], kv_capacity_tokens: int, max_ongoing: int):
         self.sliding_window, self.kv_capacity = sliding_window, kv_capacity_tokens
         self.max_ongoing = max_ongoing
         self.sequences: set[Sequence] = set()
-        self.arrivals: Counter[str] = Counter()
-
-    def has_room(self) -> bool:
-        return len(self.sequences) < self.max_ongoing
+        self.arrivals: OrderedDict[str, int] = OrderedDict()
 
     def arrived(self, picker: Optional[str]) -> None:
-        if picker:
-            self.arrivals[picker] += 1
+        if not picker or len(picker) > _PICKER_CHARS:
+            return
+        self.arrivals[picker] = self.arrivals.pop(picker, 0) + 1
+        if len(self.arrivals) > MAX_PICKERS:
+            self.arrivals.popitem(last=False)  # the router seen least recently (one that left)
 
-    def add(self, prompt_chars: int) -> Sequence:
-        seq = Sequence(int(prompt_chars / self.chars_per_token))
+    def reserve(self, prompt_tokens: int, width: int = 1) -> Optional[Sequence]:
+        """A slot for one request, or None when the replica holds max_ongoing_requests already. Nothing
+        is awaited between the count and the take: concurrent arrivals cannot pass the same count."""
+        if len(self.sequences) >= self.max_ongoing:
+            return None
+        seq = Sequence(prompt_tokens // max(1, width), width)
         self.sequences.add(seq)
         return seq
 
@@ -49,10 +61,11 @@ class Inflight:
     def stats(self) -> dict[str, float]:
         """Queued + running requests and KV use: what the autoscaling policy averages."""
         running = sum(1 for s in self.sequences if s.started)
+        lengths = chain.from_iterable(repeat(s.tokens, s.width) for s in self.sequences)
         return {
             WAITING: len(self.sequences) - running,
             RUNNING: running,
-            KV_USAGE: kv_usage((s.tokens for s in self.sequences), self.sliding_window, self.kv_capacity),
+            KV_USAGE: kv_usage(lengths, self.sliding_window, self.kv_capacity),
         }
 
     def routing_stats(self) -> dict:

@@ -5,6 +5,10 @@ buckets; each LLM replica asks it once per generation request, before the engine
 a charge back when the engine refused the request without generating. Only deployments with a rate limit
 configured have a bank, and only they pay the one handle call per request.
 
+A request HAProxy sends again after its replica died without answering (`router.retries`) carries the same
+`REQUEST_ID_HEADER`, which HAProxy sets on every request (overwriting any a client sent): the bank charges
+an id once and admits up to `retries` repeats of it free, so a retried request is never charged twice.
+
 If the bank cannot answer within `limits.quota_timeout_s` (it is being restarted), the request is admitted
 and a warning logged: a limit that briefly does not hold is better than an endpoint that stops serving.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from typing import Optional
 
 from ray import serve
@@ -24,22 +30,48 @@ from mistral_ray.server.limits import RateLimiter
 
 logger = logging.getLogger("ray.serve")
 Charge = tuple[float, float]
+FREE: Charge = (0.0, 0.0)
 
 
 class QuotaBank:
-    """The application's only copy of every key's request and token buckets."""
+    """The application's only copy of every key's request and token buckets. Its methods are coroutines,
+    so Serve runs them one at a time on the bank's event loop (and the limiter locks besides)."""
 
-    def __init__(self, limits: LimitsConfig):
-        self.limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute, limits.max_keys)
+    def __init__(self, limits: LimitsConfig, retries: int = 0, remember_s: float = 300.0,
+                 now=time.monotonic):
+        self.limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute, limits.max_keys, now)
+        self.retries, self.remember_s, self.now = retries, remember_s, now
+        self.max_ids = limits.max_keys
+        self.charged: OrderedDict[str, list] = OrderedDict()  # key id + request id -> [stamp, free repeats left]
 
-    def admit(self, key_id: str, tokens: int) -> tuple[Optional[Charge], Optional[tuple[str, int]]]:
+    async def admit(self, key_id: str, tokens: int, request_id: Optional[str] = None
+                    ) -> tuple[Optional[Charge], Optional[tuple[str, int]]]:
         """(charge, None) when admitted, (None, (message, retry_after_s)) when not."""
+        seen = f"{key_id}\x00{request_id}" if request_id else None
+        if seen is not None and self._repeat(seen):
+            return FREE, None
         try:
-            return self.limiter.admit(key_id, tokens), None
+            charge = self.limiter.admit(key_id, tokens)
         except Refused as refusal:
             return None, (refusal.message, refusal.retry_after_s)
+        if seen is not None and self.retries:
+            self.charged[seen] = [self.now(), self.retries]
+            while len(self.charged) > self.max_ids:
+                self.charged.popitem(last=False)
+        return charge, None
 
-    def refund(self, key_id: str, charge: Charge) -> None:
+    def _repeat(self, seen: str) -> bool:
+        """Is this a retry of a request already charged (and has it free repeats left)?"""
+        horizon = self.now() - self.remember_s
+        while self.charged and next(iter(self.charged.values()))[0] < horizon:
+            self.charged.popitem(last=False)
+        entry = self.charged.get(seen)
+        if entry is None or entry[1] <= 0:
+            return False
+        entry[1] -= 1
+        return True
+
+    async def refund(self, key_id: str, charge: Charge) -> None:
         self.limiter.refund(key_id, charge)
 
 
@@ -49,10 +81,11 @@ class Quota:
     def __init__(self, bank: DeploymentHandle, timeout_s: float):
         self.bank, self.timeout_s = bank, timeout_s
 
-    async def admit(self, key_id: str, tokens: int) -> Optional[Charge]:
+    async def admit(self, key_id: str, tokens: int, request_id: Optional[str] = None) -> Optional[Charge]:
         """The charge taken, None if the bank did not answer in time; raises Refused(429) over the limit."""
         try:
-            charge, refused = await asyncio.wait_for(self.bank.admit.remote(key_id, tokens), self.timeout_s)
+            charge, refused = await asyncio.wait_for(self.bank.admit.remote(key_id, tokens, request_id),
+                                                     self.timeout_s)
         except Exception as exc:
             logger.warning("quota bank unavailable (%s); request admitted without a rate check", type(exc).__name__)
             return None

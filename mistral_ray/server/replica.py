@@ -21,12 +21,14 @@ from mistral_ray.options import llm_deployment_options, vllm_args
 from mistral_ray.server.auth import ApiKeys
 from mistral_ray.server.checks import Checks
 from mistral_ray.server.gate import Gate
+from mistral_ray.server.generation import Generation
 from mistral_ray.server.load import Inflight
 from mistral_ray.server.quota import Quota
 
 
 class Engine(Protocol):
     def build_app(self) -> Any: ...
+    def read_request(self, route: str, payload: dict) -> Generation: ...
     def info(self) -> dict[str, Any]: ...
     async def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
@@ -42,6 +44,13 @@ async def start_vllm(cfg: ServiceConfig) -> Engine:
         os.environ["OMP_NUM_THREADS"] = str(cfg.engine.cpu_threads)
     return await VLLMEngine.start(vllm_args(cfg), ray_metrics=cfg.observability.engine_metrics,
                                   max_prompt_tokens=cfg.router.limits.max_prompt_tokens)
+
+
+def haproxy_serves() -> bool:
+    """Whether this Ray cluster's Serve runs HAProxy (the cluster's environment, read at import)."""
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+
+    return bool(RAY_SERVE_ENABLE_HA_PROXY)
 
 
 def replica_id() -> str:
@@ -63,8 +72,7 @@ class LLMServer:
         self.engine = await (engine_factory or start_vllm)(cfg)
         self.replica_id = replica_id()
         info = self.engine.info()
-        self.load = Inflight(cfg.router.routing.chars_per_token, info.get("sliding_window"),
-                             (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0),
+        self.load = Inflight(info.get("sliding_window"), (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0),
                              cfg.scaling.max_ongoing_requests)
         self.metrics = RequestMetrics(cfg.model.name, enabled=cfg.observability.request_metrics)
         try:
@@ -74,7 +82,7 @@ class LLMServer:
             pass  # outside Serve (unit tests): no deployment to describe
         keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
         bank = Quota(quota, cfg.router.limits.quota_timeout_s) if quota is not None else None
-        self.checks = Checks(cfg, keys, bank, self.load.has_room)
+        self.checks = Checks(cfg, keys, bank, self.load, self.engine.read_request)
 
     async def __serve_build_asgi_app__(self):
         """Serve's hook for a late-bound ingress app: built after the engine started."""
@@ -83,7 +91,7 @@ class LLMServer:
     def gate(self) -> Gate:
         r = self.cfg.router
         return Gate(self.engine.build_app(), self.checks, self.load, self.metrics, self.replica_id,
-                    self.engine.check_health, r.request_timeout_s, r.ready_timeout_s)
+                    self.engine.check_health, r.request_timeout_s, r.ready_timeout_s, haproxy_serves())
 
     def record_routing_stats(self) -> dict:
         """Serve's controller reads this every `routing.stats_period_s` and passes it to every router."""

@@ -100,7 +100,9 @@ def test_cluster_env_turns_the_data_plane_on_from_the_config():
     assert env["RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY"] == "0"  # spread replicas over worker nodes
     guard = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])  # this Python's console script: Ray can start it
     assert guard.name == "mistral-ray-haproxy" and guard.is_file() and os.access(guard, os.X_OK)
-    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in cluster_env(parse_service({"router": {"stream_guard": False}}))
+    assert "MISTRAL_RAY_STREAM_GUARD" not in env  # the guard is on by default
+    unguarded = cluster_env(parse_service({"router": {"stream_guard": False}}))  # the wrapper still sets request ids
+    assert unguarded["MISTRAL_RAY_STREAM_GUARD"] == "0" and unguarded["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(guard)
     assert cluster_env(parse_service({"router": {"haproxy": False}, "scaling": {"placement": "pack"}})) == {
         "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1"}
 

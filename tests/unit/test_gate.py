@@ -56,6 +56,14 @@ def vllm_like_app(started: list, cancelled: list) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    for path in ("/invocations", "/v1/chat/completions/batch", "/inference/v1/generate", "/ping"):
+        app.add_api_route(path, lambda: {"served": "by vLLM"}, methods=["GET", "POST"])  # vLLM has them too
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws):
+        await ws.accept()
+        await ws.send_text("generating")
+
     return app
 
 
@@ -65,6 +73,11 @@ class FakeEngine:
 
     def build_app(self):
         return vllm_like_app(self.started, self.cancelled)
+
+    def read_request(self, route, payload):
+        from mistral_ray.engine.requests import read  # vLLM's own request models: the real reading
+
+        return read(route, payload)
 
     def info(self):
         return {"num_kv_heads": 2, "sliding_window": 64, "num_kv_blocks": 4, "block_size": 32}
@@ -104,15 +117,17 @@ class Bank:
         from mistral_ray.server.quota import QuotaBank
 
         self.real = QuotaBank(LimitsConfig(**limits))
-        self.calls = []
+        self.calls, self.delay_s = [], 0.0
 
         async def admit(*args):
             self.calls.append(("admit", *args))
-            return self.real.admit(*args)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return await self.real.admit(*args)
 
         def refund(*args):
             self.calls.append(("refund", *args))
-            self.real.refund(*args)
+            self.real.limiter.refund(*args)
 
         self.admit, self.refund = SimpleNamespace(remote=admit), SimpleNamespace(remote=refund)
 
@@ -243,7 +258,7 @@ def test_quota_is_charged_only_for_admitted_requests_and_given_back_when_the_eng
     assert bank.calls == []
     s.load.max_ongoing = 64
     assert call(s, "POST", "/v1/completions", json=body).status_code == 200
-    assert bank.calls == [("admit", "none", 10)] and bank.real.limiter.buckets["none"][0].level == 9
+    assert bank.calls == [("admit", "none", 10, None)] and bank.real.limiter.buckets["none"][0].level == 9
     # vLLM refuses it (its own 400) before generating: the charge comes back.
     r = call(s, "POST", "/v1/completions", json={**body, "vllm_error": True})
     assert r.status_code == 400 and bank.calls[-1] == ("refund", "none", (1.0, 10.0))
@@ -326,3 +341,97 @@ def test_metrics_switched_off_declare_nothing():
     off.reject("chat", "auth")
     assert off._in_flight == {"chat": 0}
     assert isinstance(metrics.RoutingMetrics("a", "pow2", enabled=False).decisions, metrics._Off)
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/invocations"), ("POST", "/v1/chat/completions/batch"),
+                                          ("POST", "/inference/v1/generate"), ("GET", "/ping"),
+                                          ("GET", "/openapi.json"), ("POST", "/v1/completions/")])
+def test_routes_outside_the_table_are_404_even_where_vllm_has_them(method, path, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("team-a:sk-aaaaaaaaaaaa\n")
+    s = asyncio.run(server(keys_file=keys))
+    r = call(s, method, path, json={"prompt": "x", "n": 50}, headers={"authorization": "Bearer sk-aaaaaaaaaaaa"})
+    assert r.status_code == 404 and openai_error(r)["type"] == "not_found_error"
+    assert ("reject", "other", "not_served") in s.metrics.calls
+
+
+def test_websockets_are_refused_before_the_handshake():
+    s = asyncio.run(server())
+    sent = []
+
+    async def go():
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await s.gate()({"type": "websocket", "path": "/v1/realtime", "headers": []}, receive, send)
+
+    asyncio.run(go())
+    assert sent == [{"type": "websocket.close", "code": 1008}]  # no accept: the server answers 403
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "n": "5"}, "n"), ({"prompt": "x", "n": 5.0}, "n"), ({"prompt": "x", "n": "3"}, "n"),
+    ({"prompt": "x", "max_tokens": "1000"}, "max_tokens"), ({"prompt": "x", "max_tokens": 33.0}, "max_tokens"),
+    ({"prompt": ["a", "b", "c"], "max_tokens": 1}, "prompt"),
+])
+def test_limits_hold_for_every_encoding_vllm_accepts(body, param):
+    s = asyncio.run(server(limits={"max_n": 2, "max_tokens": 32, "max_batch_prompts": 2}))
+    r = call(s, "POST", "/v1/completions", json={"model": "tiny-mistral", **body})
+    assert r.status_code == 400 and openai_error(r)["param"] == param, r.text
+    assert not s.engine_ref.started
+
+
+def test_the_capacity_bound_holds_while_a_slow_bank_answers():
+    bank = Bank(requests_per_minute=1000, max_keys=10)
+    bank.delay_s = 0.1
+
+    async def go():
+        s = await server(bank=bank)
+        s.load.max_ongoing = 2
+        transport = httpx.ASGITransport(app=s.gate())
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={"prompt": "hi"}) for _ in range(10)))
+
+    statuses = sorted(r.status_code for r in asyncio.run(go()))
+    assert statuses == [200] * 2 + [503] * 8
+    assert len([c for c in bank.calls if c[0] == "admit"]) == 2  # the refused never reached the bank
+
+
+def test_no_routing_state_from_unauthenticated_requests_and_pickers_are_bounded(tmp_path):
+    from mistral_ray.server.load import MAX_PICKERS
+
+    keys = tmp_path / "keys"
+    keys.write_text("team-a:sk-aaaaaaaaaaaa\n")
+    s = asyncio.run(server(keys_file=keys))
+    for i in range(5):
+        assert call(s, "POST", "/v1/completions", json={"prompt": "x"}, headers={PICKER_HEADER: f"fake-{i}"}
+                    ).status_code == 401
+    assert s.record_routing_stats()["arrivals"] == {}
+    for i in range(MAX_PICKERS + 10):
+        s.load.arrived(f"router-{i}")
+    s.load.arrived("x" * 1000)
+    arrivals = s.record_routing_stats()["arrivals"]
+    assert len(arrivals) == MAX_PICKERS and "router-0" not in arrivals and f"router-{MAX_PICKERS + 9}" in arrivals
+
+
+def test_a_batch_counts_its_sequences_in_the_load():
+    async def go():
+        s = await server()
+        transport = httpx.ASGITransport(app=s.gate())
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            task = asyncio.create_task(client.post("/v1/completions", json={
+                "prompt": ["p" * 400, "q" * 400], "n": 2, "slow": True}))
+            while not s.engine_ref.started:
+                await asyncio.sleep(0.01)
+            (seq,) = s.load.sequences
+            stats = s.record_routing_stats()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return seq, stats
+
+    seq, stats = asyncio.run(go())
+    assert (seq.width, seq.tokens) == (4, 50)  # 2 prompts x n 2, 200 tokens over 4 sequences
+    assert stats["kv_usage"] == pytest.approx(4 * 50 / 128) and stats["waiting"] == 1

@@ -74,25 +74,92 @@ def test_rate_limiter_memory_is_bounded():
     assert len(rl.buckets) == 3 and list(rl.buckets) == ["d", "e", "f"]
 
 
-def test_requested_tokens():
-    assert requested_tokens({"max_tokens": 100}, 400, 4.0, 2048) == 200
-    assert requested_tokens({"max_tokens": 10, "n": 3}, 0, 4.0, 2048) == 30
-    assert requested_tokens({}, 40, 4.0, 2048) == 2058  # no max_tokens: the context is the budget
-    assert requested_tokens({"max_tokens": "x", "n": True}, 0, 4.0, 50) == 50  # wrong types: engine's 400
+CHAT = {"messages": [{"role": "user", "content": "x" * 400}]}
 
 
-@pytest.mark.parametrize("payload, param", [
-    ({"max_tokens": 101}, "max_tokens"),
-    ({"max_completion_tokens": 1000}, "max_completion_tokens"),
-    ({"max_output_tokens": 1000}, "max_output_tokens"),
-    ({"n": 9}, "n"),
+def limits(**kw):
+    from mistral_ray.config import LimitsConfig
+
+    return LimitsConfig(**kw)
+
+
+def test_requested_tokens_count_every_prompt_and_choice():
+    assert requested_tokens(read("chat", {**CHAT, "max_tokens": 100}), 4.0, None, 2048) == 101 + 100  # "user\0" + content: 406 chars
+    assert requested_tokens(read("chat", {**CHAT, "max_tokens": 10, "n": 3}), 4.0, None, 2048) == 101 + 30
+    assert requested_tokens(read("chat", CHAT), 4.0, None, 2048) == 101 + 2048  # no max_tokens, no cap: the context
+    assert requested_tokens(read("chat", CHAT), 4.0, 32, 2048) == 101 + 32  # no max_tokens: the engine's cap
+    assert requested_tokens(read("completions", {"prompt": "x" * 40}), 4.0, None, 2048) == 26  # vLLM's default 16
+    # A batch: every prompt's tokens (token ids exactly) and n x prompts sequences of the budget.
+    batch = read("completions", {"prompt": ["x" * 40, "y" * 80], "max_tokens": 5, "n": 2})
+    assert requested_tokens(batch, 4.0, None, 2048) == 10 + 20 + 5 * 4
+    ids = read("completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 1})
+    assert ids.prompt_tokens(4.0) == 5 and requested_tokens(ids, 4.0, None, 2048) == 5 + 2
+
+
+@pytest.mark.parametrize("route, payload, param", [
+    ("completions", {"prompt": "x", "max_tokens": 101}, "max_tokens"),
+    ("completions", {"prompt": "x", "max_tokens": "101"}, "max_tokens"),  # vLLM reads "101" as 101
+    ("completions", {"prompt": "x", "max_tokens": 101.0}, "max_tokens"),
+    ("chat", {**CHAT, "max_completion_tokens": 1000}, "max_completion_tokens"),
+    ("chat", {**CHAT, "max_tokens": "1000"}, "max_tokens"),
+    ("responses", {"input": "x", "max_output_tokens": 1000}, "max_output_tokens"),
+    ("messages", {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "500"}, "max_tokens"),
+    ("chat", {**CHAT, "n": "9"}, "n"),
+    ("completions", {"prompt": "x", "n": 9.0}, "n"),
+    ("completions", {"prompt": ["a"] * 33}, "prompt"),
 ])
-def test_size_limits_name_the_parameter(payload, param):
-    refusal = refused(lambda: check_sizes(payload, max_tokens=100, max_n=8))
-    assert refusal.status == 400 and refusal.param == param and str(payload[param]) in refusal.message
+def test_size_limits_judge_the_request_as_the_engine_reads_it(route, payload, param):
+    refusal = refused(lambda: check_sizes(read(route, payload), limits(max_tokens=100, max_n=8)))
+    assert refusal.status == 400 and refusal.param == param
 
 
-def test_sizes_within_limits_or_of_wrong_type_pass_to_the_engine():
-    check_sizes({"max_tokens": 100, "n": 8}, 100, 8)
-    check_sizes({"max_tokens": 10**30, "n": 10**30}, None, 10**31)
-    check_sizes({"max_tokens": "lots", "n": [1]}, 100, 8)
+def test_sizes_within_limits_pass():
+    check_sizes(read("chat", {**CHAT, "max_tokens": 100, "n": 8}), limits(max_tokens=100, max_n=8))
+    # vLLM's chat takes max_completion_tokens over the deprecated max_tokens: that is what runs
+    check_sizes(read("chat", {**CHAT, "max_tokens": 10**6, "max_completion_tokens": 5}), limits(max_tokens=100))
+    check_sizes(read("completions", {"prompt": ["a"] * 32}), limits())
+
+
+def read(route, payload):
+    from mistral_ray.engine.requests import read as engine_read  # vLLM's own request models
+
+    return engine_read(route, payload)
+
+
+def test_the_bank_charges_a_retried_request_once():
+    import asyncio
+
+    from mistral_ray.server.quota import FREE, QuotaBank
+
+    clock = Clock()
+    bank = QuotaBank(limits(requests_per_minute=3), retries=1, remember_s=60, now=clock)
+    admit = lambda key, rid: asyncio.run(bank.admit(key, 10, rid))  # noqa: E731
+    first, _ = admit("k", "req-1")
+    assert first == (1.0, 0.0) and admit("k", "req-1") == (FREE, None)  # HAProxy's retry: free
+    assert admit("k", "req-1")[0] == (1.0, 0.0)  # a third time is no retry (router.retries 1): charged
+    assert admit("other", "req-1")[0] == (1.0, 0.0)  # another key's id is its own
+    assert admit("k", None)[0] == (1.0, 0.0) and admit("k", None)[1] is not None  # k's 3 used: 429
+    clock.t += 61
+    assert admit("k", "req-2")[0] == (1.0, 0.0) and "k\x00req-1" not in bank.charged  # forgotten after 60 s
+
+
+def test_the_limiter_is_exact_under_threads():
+    import threading
+
+    rl = RateLimiter(requests_per_minute=100, tokens_per_minute=None, max_keys=10, now=lambda: 0.0)
+    admitted = []
+
+    def hammer():
+        for _ in range(50):
+            try:
+                rl.admit("k", 1)
+                admitted.append(1)
+            except Refused:
+                pass
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 100

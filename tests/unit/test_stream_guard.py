@@ -40,6 +40,7 @@ class Upstream:
     def __init__(self):
         self.port = _free_port()
         self.left: list[float] = []  # when a slow stream's client was found gone
+        self.heads: list[bytes] = []  # every request's head, as HAProxy forwarded it
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(5)
@@ -49,6 +50,7 @@ class Upstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
         length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                        if line.lower().startswith(b"content-length:")), 0)
         body = await reader.readexactly(length)
@@ -145,6 +147,19 @@ def test_the_config_is_edited_in_place_and_keeps_its_shape(proxy):
     assert "use-service lua.mistral_stream_guard" in text and "lua-load-per-thread" in text
     assert "500.http" not in text and "openai-503.http" in text and "router failed" not in text
     assert guarded("global\ndefaults\n", cfg.parent) is None  # not Ray's shape: left alone
+
+
+@pytest.mark.parametrize("body", [b'{"stream": true}', b'{"prompt": "unary"}'])
+def test_haproxy_sets_the_request_id_a_client_cannot_forge(proxy, body):
+    base, up, _ = proxy
+    before = len(up.heads)
+    with httpx.stream("POST", f"{base}/v1/completions", content=body, timeout=10,
+                      headers={"content-type": "application/json", "x-mistral-ray-request-id": "forged"}) as r:
+        r.read()
+    heads = [h.decode().lower() for h in up.heads[before:]]
+    assert len(heads) == 1 and "forged" not in heads[0]
+    (line,) = [h for h in heads[0].split("\r\n") if h.startswith("x-mistral-ray-request-id:")]
+    assert len(line.split(":", 1)[1].strip()) == 36  # a uuid, one per request (the guard's inner pass kept it)
 
 
 def test_a_complete_stream_passes_through_unchanged(proxy):
