@@ -14,9 +14,10 @@ from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.exceptions import VLLMClientError
 
 from mistral_ray.routing.hint import prompt_text
-from mistral_ray.server.generation import Generation
+from mistral_ray.server.generation import Generation, Unreadable
 
 
 def _include_usage(request: Any) -> bool:
@@ -70,5 +71,9 @@ READERS: dict[str, Callable[[dict], Generation]] = {
 
 
 def read(route: str, payload: dict) -> Generation:
-    """The request as vLLM's model for `route` reads it; raises pydantic's ValidationError as vLLM would."""
-    return READERS[route](payload)
+    """The request as vLLM's model for `route` reads it; raises pydantic's ValidationError, or Unreadable
+    for vLLM's own validators' errors, where vLLM would answer 400."""
+    try:
+        return READERS[route](payload)
+    except VLLMClientError as exc:
+        raise Unreadable(str(exc.args[0]) if exc.args else str(exc), getattr(exc, "parameter", None)) from None

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from mistral_ray.config import ServiceConfig
 from mistral_ray.server.auth import ApiKeys
 from mistral_ray.server.errors import Refused
-from mistral_ray.server.generation import Generation
+from mistral_ray.server.generation import Generation, Unreadable
 from mistral_ray.server.limits import check_sizes, requested_tokens
 from mistral_ray.server.load import Inflight, Sequence
 from mistral_ray.server.quota import Charge, Quota
@@ -27,9 +27,6 @@ from mistral_ray.server.routes import Route
 
 # Routes whose streams end with a usage chunk only when `stream_options.include_usage` asks for it.
 USAGE_OPTION = ("chat", "completions")
-# What reading a body with vLLM's request models raises for a client's input (pydantic's ValidationError
-# is a ValueError; vLLM's own validators raise the others on shapes they do not expect).
-_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError)
 
 
 @dataclass
@@ -84,6 +81,8 @@ def parse(body: bytes) -> dict[str, Any]:
 
 
 def _unreadable(exc: Exception) -> Refused:
+    if isinstance(exc, Unreadable):
+        return Refused(400, str(exc), param=exc.param)
     errors = getattr(exc, "errors", None)
     if callable(errors) and errors():  # pydantic: name the field as vLLM's own 400 would
         first = errors()[0]
@@ -139,10 +138,12 @@ class Checks:
                           reason="model_not_found")
 
     def generation(self, route: str, payload: dict[str, Any]) -> Generation:
-        """The request as the engine will read it, or the 400 its own request model would give."""
+        """The request as the engine will read it, or the 400 its own request model would give. Reading
+        raises for the client's input only (pydantic's ValidationError, vLLM's validators as Unreadable, and
+        whatever else they raise on shapes they do not expect): a 400 either way."""
         try:
             return self.read(route, payload)
-        except _UNREADABLE as exc:
+        except Exception as exc:
             raise _unreadable(exc) from None
 
     async def admit(self, route: Route, method: str, headers: dict[bytes, bytes], receive, key_id: str,

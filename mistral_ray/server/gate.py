@@ -128,6 +128,10 @@ class Gate:
         except asyncio.CancelledError:  # the client disconnected: Serve cancels the request
             status = 499
             raise
+        except Exception:  # our own bug before the engine: still an OpenAI body, and logged
+            logger.exception("%s: the replica failed the request before the engine", route.label)
+            status = 500
+            await self.answer(send, 500, Refused(500, "the replica failed the request", code="internal_error").body())
         finally:
             self.metrics.finished(route.label, status, key_id)
             if request is not None:

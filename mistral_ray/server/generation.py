@@ -35,3 +35,11 @@ class Generation:
         asked = self.max_tokens if self.max_tokens is not None else self.default_max_tokens
         budget = asked if asked is not None else (limit or context)
         return max(0, min(budget, limit) if limit else budget)
+
+
+class Unreadable(ValueError):
+    """A body the engine's request model refuses (vLLM's own 4xx), with the field it names."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param

@@ -4,6 +4,8 @@
 Starting it costs about a minute, so every integration module shares it (session scope).
 """
 
+from contextlib import contextmanager
+
 import pytest
 
 from mistral_ray import launcher
@@ -79,3 +81,20 @@ def deploy(app, name: str, service, wait: bool = True) -> str:
     if wait:
         launcher.wait_ready(url, timeout_s=420)
     return url
+
+
+@contextmanager
+def keyed_app(app, name: str, keys: dict[str, str], keys_dir, **router):
+    """An app beside the session app with API keys on (`keys`: id -> key) and `router` settings; deleted
+    after (if its test has not deleted it). Yields its URL and model name."""
+    from ray import serve
+
+    keys_file = keys_dir / "keys"
+    keys_file.write_text("".join(f"{kid}:{key}\n" for kid, key in keys.items()))
+    service = extra_app(app, name, router={**router, "api_keys": {"enabled": True, "file": str(keys_file)}})
+    url = deploy(app, name, service)
+    try:
+        yield url, service.model.name
+    finally:
+        if name in serve.status().applications:
+            serve.delete(name)

@@ -16,29 +16,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mistral_ray.server.routes import REFUSED
-from tests.integration.conftest import deploy, extra_app
+from tests.integration.conftest import keyed_app
 
 pytestmark = pytest.mark.integration
 
 NAME = "gate"
-KEYS = {"sizes": "sk-gate-sizes-00001", "rate": "sk-gate-rate-000002", "fuzz": "sk-gate-fuzz-000003"}
+KEYS = {"sizes": "sk-gate-sizes-00001", "rate": "sk-gate-rate-000002", "fuzz": "sk-gate-fuzz-000003",
+        "forge": "sk-gate-forge-00004"}
 LIMITS = dict(max_n=2, max_tokens=32, max_prompt_tokens=100, requests_per_minute=40)
 USER = [{"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
 def gated(app, tmp_path_factory):
-    from ray import serve
-
-    keys_file = tmp_path_factory.mktemp("keys") / "keys"
-    keys_file.write_text("".join(f"{kid}:{key}\n" for kid, key in KEYS.items()))
-    service = extra_app(app, NAME, router={"limits": LIMITS, "api_keys": {"enabled": True, "file": str(keys_file)}})
-    url = deploy(app, NAME, service)
-    try:
-        yield url, service.model.name
-    finally:
-        if NAME in serve.status().applications:
-            serve.delete(NAME)
+    with keyed_app(app, NAME, KEYS, tmp_path_factory.mktemp("keys"), limits=LIMITS) as served:
+        yield served
 
 
 def post(url, path, body, key="sizes"):
@@ -160,6 +152,20 @@ def test_one_key_s_rate_holds_across_every_route(gated):
         served.append("/v1/completions")
     # A bucket of 40 for every route together, refilled at 40/min while the requests ran.
     assert 40 <= len(served) <= 40 + int((time.monotonic() - start) / 1.5) + 1, len(served)
+
+
+def test_a_client_cannot_forge_the_retry_id_that_makes_a_request_free(gated):
+    url, model = gated
+    body = {"model": model, "prompt": "x", "max_tokens": 1}
+    start, served = time.monotonic(), 0
+    while served < 90:  # each id sent twice, as a retry would be: HAProxy replaces it, so each is charged
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60, headers={
+            "Authorization": f"Bearer {KEYS['forge']}", "x-mistral-ray-request-id": f"forged-{served // 2}"})
+        if r.status_code != 200:
+            break
+        served += 1
+    assert r.status_code == 429
+    assert 40 <= served <= 40 + int((time.monotonic() - start) / 1.5) + 1, served
 
 
 def test_responses_beyond_the_context_are_400_on_the_session_app(base_url, model_name):

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import deploy, extra_app
+from tests.integration.conftest import keyed_app
 
 pytestmark = pytest.mark.integration
 
@@ -21,18 +21,8 @@ LIMITS = dict(requests_per_minute=20, tokens_per_minute=3000, max_body_bytes=64 
 
 @pytest.fixture(scope="module")
 def limited(app, tmp_path_factory):
-    from ray import serve
-
-    keys_file = tmp_path_factory.mktemp("keys") / "keys"
-    keys_file.write_text("".join(f"{kid}:{key}\n" for kid, key in KEYS.items()))
-    service = extra_app(app, NAME, router={"limits": LIMITS, "request_timeout_s": 2,
-                                           "api_keys": {"enabled": True, "file": str(keys_file)}})
-    url = deploy(app, NAME, service)
-    try:
-        yield url, service.model.name
-    finally:
-        if NAME in serve.status().applications:
-            serve.delete(NAME)
+    with keyed_app(app, NAME, KEYS, tmp_path_factory.mktemp("keys"), limits=LIMITS, request_timeout_s=2) as served:
+        yield served
 
 
 def post(url, key, body, **kw):

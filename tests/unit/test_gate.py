@@ -188,6 +188,7 @@ def test_stream_usage_is_counted_and_shown_only_when_asked_for():
     (b'{"prompt": null}', 400, None, "prompt"),
     (b'{"prompt": "x", "n": 9}', 400, "n_too_large", "n"),
     (b'{"prompt": "x", "vllm_error": true}', 400, None, "temperature"),
+    (b'{"prompt": "x", "logprobs": {}}', 400, None, "logprobs"),  # vLLM's own validator (not pydantic's)
 ])
 def test_refusals_are_openai_errors(body, status, code, param):
     s = asyncio.run(server())
@@ -435,3 +436,14 @@ def test_a_batch_counts_its_sequences_in_the_load():
     seq, stats = asyncio.run(go())
     assert (seq.width, seq.tokens) == (4, 50)  # 2 prompts x n 2, 200 tokens over 4 sequences
     assert stats["kv_usage"] == pytest.approx(4 * 50 / 128) and stats["waiting"] == 1
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/responses", {"input": "x", "prompt": "x"}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+])
+def test_vllm_s_own_validators_refuse_before_the_engine(path, body, param):
+    s = asyncio.run(server())
+    r = call(s, "POST", path, json=body)
+    assert r.status_code == 400 and openai_error(r)["param"] == param, r.text

@@ -33,3 +33,10 @@ def test_default_deny():
     assert route_of("GET", "/v1/chat/completions")[1] == 405
     assert route_of("POST", "/v1/models")[1] == 405
     assert all(route_of("GET", p)[1] == 404 for p in REFUSED if "{" not in p)
+
+
+def test_every_generation_route_has_vllm_s_reading():
+    from mistral_ray.engine.requests import READERS
+
+    generation = {r.label for methods in ROUTES.values() for r in methods.values() if r.generation}
+    assert generation == set(READERS)
