@@ -77,6 +77,7 @@ def guarded(config: str, directory: Path, guard: bool = True) -> Optional[str]:
         glob = lines.index("global")
     except (ValueError, StopIteration):
         return None
+    host = lines[bind].split()[1].rpartition(":")[0]  # where the deployment serves (http_options.host)
     timeout = re.search(r"^\s*timeout server (\d+)s$", config, re.M)
     # How long the guard waits for a replica's next byte, and for a client's declared body: HAProxy answers
     # 408 when the body has not come by then, so this must not be shorter than a slow client's upload
@@ -100,12 +101,29 @@ def guarded(config: str, directory: Path, guard: bool = True) -> Optional[str]:
     ] if guard else [request_id]
     if guard:
         lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
+    _bind_side_listeners(lines, host)
     out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED, _router_failed_json())
     for status in _ERRORS:
         path = directory / f"openai-{status}.http"
         path.write_text(error_file(status))
         out = re.sub(rf"^(\s*errorfile) {status} \S+$", rf"\1 {status} {path}", out, flags=re.M)
     return out
+
+
+def _bind_side_listeners(lines: list[str], host: str) -> None:
+    """Ray's template binds HAProxy's metrics and stats listeners on every interface; bind the metrics on
+    the interface the deployment serves on (http_options.host: loopback locally, the pod's on Kubernetes,
+    where Prometheus scrapes it) and the stats page, which nothing of ours reads, on loopback only."""
+    section = ""
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace():
+            section = line.strip()
+            continue
+        port = re.fullmatch(r"\s*bind (?:\*)?:(\d+)", line)
+        if port and section == "frontend prometheus" and host not in ("", "*"):
+            lines[i] = f"    bind {host}:{port.group(1)}"
+        elif port and section == "listen stats":
+            lines[i] = f"  bind 127.0.0.1:{port.group(1)}"
 
 
 def real_binary() -> str:

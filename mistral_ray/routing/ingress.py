@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Optional
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -27,11 +28,17 @@ PICKER_HEADER = "x-serve-router-mistral-ray-picker"
 TRUNCATED_HEADER = b"x-body-truncated"
 
 
-async def _read(receive) -> bytes:
-    chunks = []
+async def _read(receive, limit: int) -> Optional[bytes]:
+    """The body HAProxy sent, or None past `limit` (HAProxy sends at most routing.route_body_bytes: more
+    comes from someone else, and is not held in memory)."""
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
 
@@ -82,7 +89,9 @@ class IngressRouter:
 
     async def route(self, scope, receive, send) -> None:
         start = time.perf_counter()
-        body = await _read(receive)
+        body = await _read(receive, self.routing.route_body_bytes)
+        if body is None:
+            return await _answer(send, 413, {"detail": "body beyond routing.route_body_bytes"})
         headers = dict(scope["headers"])
         session = headers.get(self.session_header)
         # A truncated body is not JSON: route it by load (and session header), as an unparsable one.

@@ -1,5 +1,6 @@
 """The kustomize overlays build, every object validates, and the cluster serves what deployments/ says."""
 
+import json
 import math
 
 import pytest
@@ -26,7 +27,7 @@ def test_every_object_validates(built):
     require_schemas()
     _, objs = built
     kinds = sorted(o["kind"] for o in objs)
-    assert {"RayService", "Service", "PodDisruptionBudget", "PodMonitor", "PrometheusRule"} <= set(kinds)
+    assert {"RayService", "Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "PrometheusRule"} <= set(kinds)
     assert "Secret" not in kinds  # secrets are referenced, never shipped
     for obj in objs:
         validate(obj)
@@ -124,3 +125,27 @@ def test_changing_max_replicas_changes_the_cluster(tmp_path):
     assert served["applications"][0]["args"]["scaling"]["max_replicas"] == 7
     opts = llm_deployment_options(parse_service(served["applications"][0]["args"]))
     assert opts["autoscaling_config"]["max_replicas"] == 7
+
+
+def test_the_network_policy_opens_only_what_is_needed(built):
+    _, objs = built
+    (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mistral-ray"}
+    rules = policy["spec"]["ingress"]
+    open_to_all = [r for r in rules if "from" not in r]
+    assert [[p["port"] for p in r["ports"]] for r in open_to_all] == [["serve"]]  # only the OpenAI port
+    by_source = {json.dumps(r["from"], sort_keys=True): sorted(p["port"] for p in r.get("ports", [])) for r in rules
+                 if "from" in r}
+    own = json.dumps([{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mistral-ray"}}}], sort_keys=True)
+    assert by_source.pop(own) == []  # the cluster's own pods: every port (Ray's internal ones)
+    monitoring = json.dumps([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                            sort_keys=True)
+    assert by_source.pop(monitoring) == ["haproxy-metrics", "metrics"]
+    (operator, ports), = by_source.items()
+    assert "kuberay-operator" in operator and ports == ["dashboard"]
+    # every port named is a port of the pods it guards (a named port that matches nothing opens nothing)
+    cluster = rayservice(objs)["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    named = {p["name"] for pod in pods for p in pod["spec"]["containers"][0]["ports"]}
+    assert {p["port"] for r in rules for p in r.get("ports", [])} <= named

@@ -148,3 +148,20 @@ def test_completion_without_send_and_removed_replicas_leave_no_count():
         await asyncio.sleep(0)
     asyncio.run(run())
     assert "b" not in r.in_flight
+
+
+def test_the_ingress_router_reads_no_more_than_haproxy_sends():
+    import asyncio
+
+    from mistral_ray.routing.ingress import _read
+
+    def receiver(chunks):
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def receive():
+            return messages.pop(0)
+
+        return receive
+
+    assert asyncio.run(_read(receiver([b"a" * 600, b"b" * 400]), 1024)) == b"a" * 600 + b"b" * 400
+    assert asyncio.run(_read(receiver([b"a" * 600, b"b" * 600, b"never read"]), 1024)) is None

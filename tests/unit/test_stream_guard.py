@@ -88,7 +88,7 @@ class Upstream:
 def proxy(tmp_path_factory):
     up = Upstream()
     down = _free_port()  # nothing listens there
-    port = _free_port()
+    port, metrics, stats = _free_port(), _free_port(), _free_port()
     work = tmp_path_factory.mktemp("haproxy")
     (work / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
                                    "Content-Length: 21\r\n\r\nInternal Server Error")
@@ -107,6 +107,11 @@ defaults
     errorfile 502 {work}/500.http
     errorfile 503 {work}/500.http
     errorfile 504 {work}/500.http
+frontend prometheus
+    bind :{metrics}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
 frontend http_frontend
     bind 127.0.0.1:{port}
     http-request set-var(txn.ingress_request_router_failed) str(router_unreachable) if {{ path_beg /norouter }}
@@ -117,6 +122,10 @@ backend up
     server up1 127.0.0.1:{up.port}
 backend dead
     server gone 127.0.0.1:{down}
+listen stats
+  bind *:{stats}
+  stats enable
+  stats uri /stats
 """)
     # Started as Ray starts it: the console script, named by the variable it is found by.
     wrapper = str(Path(sys.executable).parent / "mistral-ray-haproxy")
@@ -160,6 +169,22 @@ def test_haproxy_sets_the_request_id_a_client_cannot_forge(proxy, body):
     assert len(heads) == 1 and "forged" not in heads[0]
     (line,) = [h for h in heads[0].split("\r\n") if h.startswith("x-mistral-ray-request-id:")]
     assert len(line.split(":", 1)[1].strip()) == 36  # a uuid, one per request (the guard's inner pass kept it)
+
+
+def test_metrics_and_stats_listen_only_where_the_deployment_serves(proxy):
+    import psutil
+
+    base, _, cfg = proxy
+    text = cfg.read_text()
+    after = {name: text.split(name + "\n", 1)[1].splitlines()[0].split()[1] for name in
+             ("frontend prometheus", "listen stats")}
+    assert after == {"frontend prometheus": after["frontend prometheus"], "listen stats": after["listen stats"]}
+    metrics, stats = (int(after[name].rpartition(":")[2]) for name in ("frontend prometheus", "listen stats"))
+    assert after["listen stats"].startswith("127.0.0.1:") and after["frontend prometheus"].startswith("127.0.0.1:")
+    listening = {c.laddr.port: c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    # the frontend is on loopback here (http_options.host), so its metrics are; the stats page always is
+    assert listening[metrics] == "127.0.0.1" and listening[stats] == "127.0.0.1"
+    assert "haproxy_process" in httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=5).text
 
 
 def test_a_complete_stream_passes_through_unchanged(proxy):
