@@ -145,8 +145,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             if REQUEST_ID_HEADER not in text:  # not yet edited (a restart without Ray rewriting the file)
                 config = guarded(text, source.parent, os.environ.get(GUARD_ENV, "1") != "0")
                 if config is None:
+                    # Ray is pinned (pyproject.toml) and its shape tested; were it to change, the replicas
+                    # would trust request ids no HAProxy set: a retried request is then charged once more.
                     print(f"mistral-ray-haproxy: {source} is not shaped as expected; serving it without the "
-                          "stream guard", file=sys.stderr, flush=True)
+                          "stream guard, request ids and OpenAI error files", file=sys.stderr, flush=True)
                 else:
                     source.write_text(config)
     binary = real_binary()

@@ -93,9 +93,10 @@ def _unreadable(exc: Exception) -> Refused:
 
 class Checks:
     def __init__(self, cfg: ServiceConfig, keys: Optional[ApiKeys], quota: Optional[Quota], load: Inflight,
-                 read: Callable[[str, dict], Generation]):
+                 read: Callable[[str, dict], Generation], context: int):
         self.cfg, self.keys, self.quota, self.load, self.read = cfg, keys, quota, load, read
         self.limits = cfg.router.limits
+        self.context = context  # the engine's context length, as it resolved it (engine.max_model_len may be null)
 
     def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
         """The caller's key id ("none" with keys off or on a probe)."""
@@ -169,8 +170,7 @@ class Checks:
         try:
             if self.quota is not None:  # the slot is held while the bank answers: arrivals meanwhile see it
                 admitted.charge = await self.quota.admit(key_id, requested_tokens(
-                    request, cfg.router.routing.chars_per_token, self.limits.max_tokens,
-                    cfg.engine.max_model_len or 0), request_id)
+                    request, cfg.router.routing.chars_per_token, self.limits.max_tokens, self.context), request_id)
         except BaseException:
             self.load.remove(seq)
             raise

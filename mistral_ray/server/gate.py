@@ -137,8 +137,10 @@ class Gate:
             if request is not None:
                 if request.seq is not None:
                     self.load.remove(request.seq)
-                if request.charge and 400 <= status < 500 and status != 499:
-                    self.checks.quota.refund(key_id, request.charge)  # the engine refused it: nothing generated
+                if request.charge and request.charge[1] and 400 <= status < 500 and status != 499:
+                    # The engine refused it (prompt beyond the limit or the context): no tokens were made,
+                    # but it was a request (it cost a render), so only its tokens come back.
+                    self.checks.quota.refund(key_id, (0.0, request.charge[1]))
 
     async def _forward(self, scope, receive, send, request: Admitted, start: float) -> int:
         exchange = Exchange(self, send, request, start)
@@ -205,7 +207,7 @@ class Exchange:
             if not self.first_byte.done():
                 self._first()
             if self.seq is not None:
-                self.seq.tokens += 1
+                self.seq.grow()
             if b'"usage":{' in body and (self.request.stream or not more):
                 self._count(body)
                 if self.request.hide_usage and b'"choices":[]' in body:

@@ -4,7 +4,7 @@ Per API key, two token buckets (requests/min and tokens/min, OpenAI's RPM/TPM): 
 minute's allowance and refills continuously, so short bursts pass and sustained excess gets 429 with the
 seconds until enough has refilled. Tokens are counted at admission as OpenAI does: the prompt's estimated
 tokens plus the completion tokens the engine may produce (asked for, or the limit the engine applies when
-absent); a request the engine refuses before generating (a 4xx of its own) is given its charge back.
+absent); a request the engine refuses before generating (a 4xx of its own) is given its tokens back.
 Size limits (`max_tokens`, `n`, prompts per batch) give 400 with the parameter named.
 """
 
@@ -87,7 +87,7 @@ class RateLimiter:
         return (requests.take(1) if requests else 0.0, token_bucket.take(tokens) if token_bucket else 0.0)
 
     def refund(self, key_id: str, charge: tuple[float, float]) -> None:
-        """Give back a charge the engine never used (it refused the request before generating)."""
+        """Give back (part of) a charge the engine never used (it refused the request before generating)."""
         with self.lock:
             for bucket, amount in zip(self.buckets.get(key_id, ()), charge):
                 if bucket is not None and amount:

@@ -28,8 +28,12 @@ class Sequence:
 
     __slots__ = ("tokens", "width", "started")
 
-    def __init__(self, tokens: int, width: int = 1):
+    def __init__(self, tokens: float, width: int = 1):
         self.tokens, self.width, self.started = tokens, max(1, width), False
+
+    def grow(self) -> None:
+        """One streamed chunk: a token of one of its `width` sequences."""
+        self.tokens += 1 / self.width
 
 
 class Inflight:

@@ -2,7 +2,7 @@
 
 One `QuotaBank` replica (a Serve deployment of the same application, no CPU reserved) holds every key's
 buckets; each LLM replica asks it once per generation request, before the engine sees the request, and gives
-a charge back when the engine refused the request without generating. Only deployments with a rate limit
+the tokens back when the engine refused the request without generating. Only deployments with a rate limit
 configured have a bank, and only they pay the one handle call per request.
 
 A request HAProxy sends again after its replica died without answering (`router.retries`) carries the same

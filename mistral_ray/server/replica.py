@@ -72,8 +72,8 @@ class LLMServer:
         self.engine = await (engine_factory or start_vllm)(cfg)
         self.replica_id = replica_id()
         info = self.engine.info()
-        self.load = Inflight(info.get("sliding_window"), (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0),
-                             cfg.scaling.max_ongoing_requests)
+        kv_tokens = (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0)
+        self.load = Inflight(info.get("sliding_window"), kv_tokens, cfg.scaling.max_ongoing_requests)
         self.metrics = RequestMetrics(cfg.model.name, enabled=cfg.observability.request_metrics)
         try:
             ctx = serve.get_replica_context()
@@ -82,7 +82,8 @@ class LLMServer:
             pass  # outside Serve (unit tests): no deployment to describe
         keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
         bank = Quota(quota, cfg.router.limits.quota_timeout_s) if quota is not None else None
-        self.checks = Checks(cfg, keys, bank, self.load, self.engine.read_request)
+        self.checks = Checks(cfg, keys, bank, self.load, self.engine.read_request,
+                             info.get("max_model_len") or cfg.engine.max_model_len or 0)
 
     async def __serve_build_asgi_app__(self):
         """Serve's hook for a late-bound ingress app: built after the engine started."""

@@ -143,7 +143,10 @@ def test_the_network_policy_opens_only_what_is_needed(built):
                             sort_keys=True)
     assert by_source.pop(monitoring) == ["haproxy-metrics", "metrics"]
     (operator, ports), = by_source.items()
-    assert "kuberay-operator" in operator and ports == ["dashboard"]
+    assert ports == ["dashboard"] and json.loads(operator) == [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert all(source.get("namespaceSelector") != {} for r in rules for source in r.get("from", []))
     # every port named is a port of the pods it guards (a named port that matches nothing opens nothing)
     cluster = rayservice(objs)["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]

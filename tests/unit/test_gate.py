@@ -260,10 +260,12 @@ def test_quota_is_charged_only_for_admitted_requests_and_given_back_when_the_eng
     s.load.max_ongoing = 64
     assert call(s, "POST", "/v1/completions", json=body).status_code == 200
     assert bank.calls == [("admit", "none", 10, None)] and bank.real.limiter.buckets["none"][0].level == 9
-    # vLLM refuses it (its own 400) before generating: the charge comes back.
+    # vLLM refuses it (its own 400) before generating: its tokens come back, not its request.
     r = call(s, "POST", "/v1/completions", json={**body, "vllm_error": True})
-    assert r.status_code == 400 and bank.calls[-1] == ("refund", "none", (1.0, 10.0))
-    assert bank.real.limiter.buckets["none"][0].level == pytest.approx(9, abs=0.01)
+    assert r.status_code == 400 and bank.calls[-1] == ("refund", "none", (0.0, 10.0))
+    requests, tokens = bank.real.limiter.buckets["none"]
+    assert requests.level == pytest.approx(8, abs=0.01)  # it was a request: counted
+    assert tokens.level == pytest.approx(10_000 - 10, abs=1)  # its tokens were never made: given back
 
 
 def test_rate_limit_answers_429_with_retry_after():
