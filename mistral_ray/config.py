@@ -245,8 +245,10 @@ class RoutingConfig(_Strict):
     )
     stats_period_s: float = Field(0.5, gt=0, description="How often Serve reads each replica's load.")
     route_body_bytes: int = Field(
-        65536, ge=1024, description="How much of a request body HAProxy hands the ingress router (prefix_affinity "
-        "and the session policy's `user` field need it; pow2 gets none). A longer body is routed by load."
+        65536, ge=16384, description="How much of a request body HAProxy hands the ingress router (prefix_affinity "
+        "and the session policy's `user` field need it; pow2 gets none). A longer body is routed by load. It "
+        "becomes HAProxy's buffer size (tune.bufsize) for every request, headers included, so it may not go "
+        "below HAProxy's own 16 KiB: at 1024 ordinary requests' headers no longer fit."
     )
 
 

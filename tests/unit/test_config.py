@@ -121,6 +121,8 @@ def test_cluster_env_turns_the_data_plane_on_from_the_config():
         ({"scaling": {"replica_gpus": 1}}, "replica_gpus must be 0 on device cpu"),
         ({"scaling": {"replica_cpus": 0}}, "replica_cpus or replica_gpus must be > 0"),
         ({"scaling": {"placement": "random"}}, "scaling.placement"),
+        ({"router": {"routing": {"route_body_bytes": 1024}}}, "router.routing.route_body_bytes"),  # HAProxy's buffer
+        ({"router": {"limits": {"max_batch_prompts": 0}}}, "router.limits.max_batch_prompts"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, args, field):
