@@ -215,7 +215,8 @@ class RoutingConfig(_Strict):
         16, ge=0, description="A favourite replica is skipped when its queued + running requests exceed the "
         "least loaded replica's by more than this (and by more than `imbalance_ratio` times, see there). "
         "About a quarter of an engine's max_num_seqs, as SGLang's and vLLM's routers (64 for 256). With 8, "
-        "moved conversations cost prefix hits and bought no throughput or TTFT (docs/benchmarks.md, session 10)."
+        "moved conversations cost prefix hits and bought no throughput or TTFT (docs/benchmarks.md, \"overload "
+        "needs a gap and a ratio\")."
     )
     imbalance_ratio: float = Field(
         1.5, ge=1, description="A favourite replica is skipped only when its load also exceeds this many "

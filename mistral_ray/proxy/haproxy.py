@@ -5,9 +5,9 @@ Why a wrapper: Ray writes HAProxy's config from its own template and offers no h
 a user of an OpenAI server expects need one.
 - A request id on every request (`REQUEST_ID_HEADER`, a client's own overwritten), the same on HAProxy's
   retry after a replica died without answering: the quota bank charges a retried request once.
-- The stream guard (`stream_guard.lua`, unless `router.stream_guard` is off). When the replica serving a stream dies mid-answer (its node lost),
-  HAProxy can only cut the client's connection: the openai client raises a connection error, not the
-  API error every other failure gives. Streamed requests (`"stream": true` in the body) go through a Lua
+- The stream guard (`stream_guard.lua`, unless `router.stream_guard` is off). When the replica serving a
+  stream dies mid-answer (its node lost), HAProxy can only cut the client's connection: the openai client
+  raises a connection error, not the API error every other failure gives. Streamed requests (`"stream": true` in the body) go through a Lua
   service that sends them to this same frontend over an internal socket (so routing, queueing and retries
   are unchanged) and, if the answer breaks off, ends the stream with OpenAI's error event and [DONE].
 - HAProxy's own answers (no replica, retries exhausted, timeout, the ingress router gave no pick) come in

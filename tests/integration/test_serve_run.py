@@ -77,9 +77,9 @@ def test_ctrl_c_stops_everything(served):
     proc.send_signal(signal.SIGINT)
     try:
         # Ray's `serve run` shuts Serve down gracefully (replicas drain, engines stop): about 10-15 s alone. In
-        # two whole-suite runs of session 5 and one of session 9 it had not exited 90 s / 180 s / 180 s after
-        # the signal, and (session 9) had not logged "Got KeyboardInterrupt": the signal never reached its
-        # handler. Cause not found; the failure shows where its threads were.
+        # three earlier whole-suite runs it had not exited 90 s / 180 s / 180 s after the signal, and (in the
+        # last of them) had not logged "Got KeyboardInterrupt": the signal never reached its handler. Cause
+        # not found; the failure shows where its threads were.
         proc.wait(timeout=180)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack into the log

@@ -27,7 +27,8 @@ def test_every_object_validates(built):
     require_schemas()
     _, objs = built
     kinds = sorted(o["kind"] for o in objs)
-    assert {"RayService", "Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "PrometheusRule"} <= set(kinds)
+    expected = {"RayService", "Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "PrometheusRule"}
+    assert expected <= set(kinds)
     assert "Secret" not in kinds  # secrets are referenced, never shipped
     for obj in objs:
         validate(obj)

@@ -84,7 +84,8 @@ def limits(**kw):
 
 
 def test_requested_tokens_count_every_prompt_and_choice():
-    assert requested_tokens(read("chat", {**CHAT, "max_tokens": 100}), 4.0, None, 2048) == 101 + 100  # "user\0" + content: 406 chars
+    # "user\0" + the content + "\0": 406 characters, 101 tokens at 4 characters a token
+    assert requested_tokens(read("chat", {**CHAT, "max_tokens": 100}), 4.0, None, 2048) == 101 + 100
     assert requested_tokens(read("chat", {**CHAT, "max_tokens": 10, "n": 3}), 4.0, None, 2048) == 101 + 30
     assert requested_tokens(read("chat", CHAT), 4.0, None, 2048) == 101 + 2048  # no max_tokens, no cap: the context
     assert requested_tokens(read("chat", CHAT), 4.0, 32, 2048) == 101 + 32  # no max_tokens: the engine's cap
