@@ -11,6 +11,7 @@ import threading
 
 from mistral_ray.bench import DEFAULTS
 from mistral_ray.config import ConfigError, load_deployment
+from mistral_ray.launcher import StartError
 
 
 def _interrupt(*_) -> None:
@@ -21,6 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     from mistral_ray import launcher
 
     dep = load_deployment(args.config)
+    launcher.check_ports(dep, args.port or dep.http.port)
     stop = threading.Event()
 
     def on_signal(*_):
@@ -29,6 +31,7 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     print(f"mistral-ray: starting {dep.path} (model {dep.service.model.name}) ...", flush=True)
+    drain = None
     try:
         running = launcher.start(dep, port=args.port, ready_timeout_s=args.ready_timeout, workers=args.nodes)
         # ray.init() installs its own SIGTERM handler (which aborts the process); take the signals back.
@@ -41,19 +44,23 @@ def _run(args: argparse.Namespace) -> int:
         print(f"mistral-ray ready: {running.base_url}/v1 (started in {running.startup_s:.1f}s)", flush=True)
         while not stop.wait(1):
             pass
-        print("mistral-ray: shutting down ...", flush=True)
+        drain = dep.app_name
+        print(f"mistral-ray: stopping; requests in flight get up to {dep.service.scaling.drain_timeout_s:g}s "
+              "to finish (again to stop now) ...", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)  # the next one ends the drain
     except KeyboardInterrupt:
         print("mistral-ray: interrupted, shutting down ...", flush=True)
     finally:
-        launcher.stop()
+        launcher.stop(drain)
     return 0
 
 
 def _env(args: argparse.Namespace) -> int:
-    from mistral_ray.options import cluster_env
+    from mistral_ray.options import node_env
 
     dep = load_deployment(args.config)
-    for key, value in cluster_env(dep.service).items():
+    for key, value in node_env(dep).items():
         print(f"export {key}={shlex.quote(value)}")
     return 0
 
@@ -283,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mistral-ray: {exc}", file=sys.stderr)
         return 2
+    except StartError as exc:
+        print(f"mistral-ray: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; whatever was started has been stopped on the way out
         print("mistral-ray: interrupted", file=sys.stderr)
         return 130

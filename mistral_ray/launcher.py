@@ -12,7 +12,7 @@ import httpx
 from mistral_ray import local_cluster
 from mistral_ray.config import DeploymentFile
 from mistral_ray.local_cluster import LocalCluster
-from mistral_ray.options import cluster_env
+from mistral_ray.options import node_env
 
 
 @dataclass
@@ -26,6 +26,28 @@ class Running:
 
 
 _cluster: Optional[LocalCluster] = None
+_started: list = []  # the processes this process's Ray start created (GCS, raylets, ...): what stop() sweeps
+SWEEP_GRACE_S = 5  # after Ray's own shutdown, how long its processes get to exit before they are killed
+
+
+class StartError(RuntimeError):
+    """The app cannot start as configured (a port it needs is taken): one line for the user."""
+
+
+def check_ports(dep: DeploymentFile, port: int) -> None:
+    """Fail before Ray starts if a port the app will listen on is taken, naming it and its holder."""
+    from mistral_ray import processes
+
+    obs = dep.service.observability
+    wanted = [(dep.http.host, port, "http_options.port")]
+    if dep.service.router.haproxy:
+        wanted.append((dep.http.host, obs.haproxy_metrics_port, "observability.haproxy_metrics_port"))
+    wanted.append((dep.http.host, obs.metrics_export_port, "observability.metrics_export_port"))
+    for host, number, field in wanted:
+        if processes.taken(host, number):
+            who = processes.holder(host, number)
+            raise StartError(f"{host}:{number} ({field}) is already in use{' by ' + who if who else ''}; "
+                             "stop that process or choose another port")
 
 
 def wait_ready(base_url: str, timeout_s: float) -> None:
@@ -51,15 +73,18 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
     shape); 0: one node that does everything."""
     global _cluster
     # Before Ray starts and before this process imports Serve: every Ray process reads these at import.
-    os.environ.update(cluster_env(dep.service) if env is None else env)
+    os.environ.update(node_env(dep) if env is None else env)
     import ray
     from ray import serve
+
+    import psutil
 
     from mistral_ray.app import build
 
     t0 = time.monotonic()
     port = port or dep.http.port
     obs = dep.service.observability
+    before = {p.pid for p in psutil.Process().children()}
     if not ray.is_initialized() and workers:
         _cluster = local_cluster.start(obs, workers)
         ray.init(address=_cluster.address, namespace="mistral-ray", log_to_driver=False)
@@ -71,6 +96,7 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
             _metrics_export_port=obs.metrics_export_port,
             _system_config={"metrics_report_interval_ms": obs.metrics_report_interval_ms},
         )
+    _started[:] = [p for p in psutil.Process().children() if p.pid not in before]
     # Several nodes on one machine cannot all bind the HTTP port: one HAProxy, on the head, as in the
     # RayService's head-only ingress. One node: the file's choice.
     serve.start(http_options={"host": dep.http.host, "port": port},
@@ -81,13 +107,27 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
     return Running(dep, base, time.monotonic() - t0, _cluster)
 
 
-def stop() -> None:
-    """Tear down Serve and the Ray cluster this process started (no Ray processes are left behind)."""
+def stop(app: Optional[str] = None) -> None:
+    """Tear down Serve and the Ray cluster this process started, then make sure no process of it is left
+    (HAProxy's reloaded workers and vLLM's EngineCore leave their parents' process groups).
+
+    `app`: first delete that application the way Serve scales a replica down: HAProxy stops sending it
+    requests, each replica finishes the ones it has (up to `scaling.drain_timeout_s`), then its engine
+    shuts down; an idle app is gone in about `router.deregister_s`. A KeyboardInterrupt (Ctrl-C again)
+    ends the wait and the teardown goes on."""
     import ray
     from ray import serve
 
+    from mistral_ray import processes
+
     global _cluster
+    started = processes.tree(_started)
     try:
+        if app and ray.is_initialized():
+            try:
+                serve.delete(app, _blocking=True)
+            except KeyboardInterrupt:
+                pass
         if ray.is_initialized():
             try:
                 serve.shutdown()
@@ -97,3 +137,8 @@ def stop() -> None:
         if _cluster is not None:
             _cluster.shutdown()
             _cluster = None
+        killed = processes.sweep(started, SWEEP_GRACE_S)
+        _started.clear()
+        if killed:
+            print(f"mistral-ray: killed {len(killed)} process(es) left after Ray's shutdown: {', '.join(killed)}",
+                  flush=True)

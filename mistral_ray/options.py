@@ -7,12 +7,14 @@ variables every Ray process reads at import: `mistral-ray run`, the tests and th
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ray.config import STATE_DIR, ServiceConfig
+from mistral_ray.config import STATE_DIR, DeploymentFile, ServiceConfig
+from mistral_ray.engine.fate_share import ENV as FATE_SHARE_ENV
 from mistral_ray.engine.step_wait import ENV as STEP_WAIT_ENV
 from mistral_ray.proxy import GUARD_ENV
 
@@ -70,12 +72,14 @@ def replica_env(cfg: ServiceConfig) -> dict[str, str]:
     return env
 
 
-def step_wait_env(cfg: ServiceConfig) -> dict[str, str]:
-    """What turns on our vLLM plugin's step wait in a replica (`engine.cpu_step_wait_us`). Kept out of
-    `replica_env`, which the bench also gives bare `vllm serve` and ray.serve.llm: they run as shipped."""
-    if cfg.engine.device != "cpu" or not cfg.engine.cpu_step_wait_us:
-        return {}
-    return {STEP_WAIT_ENV: str(cfg.engine.cpu_step_wait_us)}
+def engine_env(cfg: ServiceConfig) -> dict[str, str]:
+    """What turns on our vLLM plugins in a replica: the EngineCore ends with its replica (fate_share.py),
+    and the step wait (`engine.cpu_step_wait_us`). Kept out of `replica_env`, which the bench also gives
+    bare `vllm serve` and ray.serve.llm: they run as shipped."""
+    env = {FATE_SHARE_ENV: "1"}
+    if cfg.engine.device == "cpu" and cfg.engine.cpu_step_wait_us:
+        env[STEP_WAIT_ENV] = str(cfg.engine.cpu_step_wait_us)
+    return env
 
 
 def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[str, str]:
@@ -111,6 +115,23 @@ def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[s
     }
 
 
+def node_env(dep: DeploymentFile) -> dict[str, str]:
+    """The environment of a Ray cluster this machine starts for `dep` (`mistral-ray run`, `serve run` after
+    `mistral-ray env`): the data plane's, and with a loopback `http_options.host` a Ray whose nodes take the
+    loopback address, so its gRPC servers, agents and metrics exporter listen there and nowhere else. On
+    Linux Ray otherwise takes the machine's address and binds every interface; this is its own switch for
+    single-machine clusters (on by default on macOS and Windows). Never on Kubernetes: pods need their
+    address."""
+    env = cluster_env(dep.service)
+    try:
+        loopback = dep.http.host == "localhost" or ipaddress.ip_address(dep.http.host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
 def _autoscaling(cfg: ServiceConfig) -> dict[str, Any]:
     s = cfg.scaling
     if s.min_replicas == s.max_replicas:
@@ -141,7 +162,7 @@ def llm_deployment_options(cfg: ServiceConfig) -> dict[str, Any]:
         ray_actor_options=dict(
             num_cpus=s.replica_cpus,
             num_gpus=s.replica_gpus,
-            runtime_env={"env_vars": {**replica_env(cfg), **step_wait_env(cfg)}},
+            runtime_env={"env_vars": {**replica_env(cfg), **engine_env(cfg)}},
         ),
         health_check_period_s=s.health_check_period_s,
         health_check_timeout_s=s.health_check_timeout_s,

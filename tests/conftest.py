@@ -5,7 +5,7 @@ import pytest
 
 from mistral_ray.bench.targets import free_port
 from mistral_ray.config import PROJECT_ROOT, load_deployment, parse_service
-from mistral_ray.options import cluster_env
+from mistral_ray.options import node_env
 
 # Tests that validate manifests against ../shared/k8s-schemas may skip on a user's checkout, never in CI.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -29,7 +29,7 @@ SESSION_DEPLOYMENT = _session_deployment()
 # proxy ports free (a developer's `make run` may hold the defaults). Set here, before any test module
 # imports Ray Serve: every process, this one included, reads it at import.
 CLUSTER_ENV = {
-    **cluster_env(SESSION_DEPLOYMENT.service),
+    **node_env(SESSION_DEPLOYMENT),
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
     "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),

@@ -11,7 +11,7 @@ vLLM's own idle path (block on a notify socket, busy window 0) is not used: it l
 seconds per step at low load (measured: 0.06 req/s at c=1).
 
 vLLM loads general plugins in the EngineCore and in every worker before their loops start; the config
-reaches them only through the environment, which `options.step_wait_env` sets from `engine.cpu_step_wait_us`.
+reaches them only through the environment, which `options.engine_env` sets from `engine.cpu_step_wait_us`.
 """
 
 from __future__ import annotations

@@ -22,10 +22,12 @@ import fcntl
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
+from mistral_ray.processes import die_with_parent
 from mistral_ray.proxy import GUARD_ENV
 from mistral_ray.server.errors import REQUEST_ID_HEADER, error_body, sse_error
 
@@ -152,6 +154,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 else:
                     source.write_text(config)
     binary = real_binary()
+    # Ray's proxy actor is our parent: when it dies, so does this HAProxy (a reloaded one too), instead of
+    # holding the HTTP port for the next proxy (processes.py).
+    die_with_parent(signal.SIGTERM, os.getppid())
     os.execv(binary, [binary, *args])
 
 

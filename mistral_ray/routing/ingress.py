@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mistral_ray.config import ServiceConfig
+from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.metrics import RouteLatency
 from mistral_ray.routing.hint import hint_from_body
 
@@ -64,6 +65,7 @@ class IngressRouter:
     """One replica per proxy node (Serve places them); the policy's state lives in its Serve request router."""
 
     def __init__(self, llm: DeploymentHandle, cfg: ServiceConfig):
+        bind_replica_grpc_to_node()
         self.llm = llm
         self.routing = cfg.router.routing
         self.session_header = self.routing.session_header.lower().encode()

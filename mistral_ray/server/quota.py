@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mistral_ray.config import LimitsConfig, ServiceConfig
+from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.server.errors import Refused
 from mistral_ray.server.limits import RateLimiter
 
@@ -39,6 +40,7 @@ class QuotaBank:
 
     def __init__(self, limits: LimitsConfig, retries: int = 0, remember_s: float = 300.0,
                  now=time.monotonic):
+        bind_replica_grpc_to_node()
         self.limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute, limits.max_keys, now)
         self.retries, self.remember_s, self.now = retries, remember_s, now
         self.max_ids = limits.max_keys

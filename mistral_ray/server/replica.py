@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mistral_ray.config import ServiceConfig
+from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.metrics import RequestMetrics
 from mistral_ray.options import llm_deployment_options, vllm_args
 from mistral_ray.server.auth import ApiKeys
@@ -68,6 +69,7 @@ class LLMServer:
     # is what makes "replica running" mean "engine ready".
     async def __init__(self, cfg: ServiceConfig, quota: Optional[DeploymentHandle] = None,
                        engine_factory: Optional[Callable[[ServiceConfig], Awaitable[Engine]]] = None):
+        bind_replica_grpc_to_node()
         self.cfg = cfg
         self.engine = await (engine_factory or start_vllm)(cfg)
         self.replica_id = replica_id()
