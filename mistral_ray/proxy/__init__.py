@@ -1,4 +1,5 @@
 """What we add to Ray's HTTP proxy (HAProxy): the stream guard and OpenAI-shaped error files."""
 
-# Set to "0" in the Ray cluster's environment when `router.stream_guard` is off (read by proxy/haproxy.py).
+# In the Ray cluster's environment (read by proxy/haproxy.py): the largest request body the stream guard
+# holds (`router.limits.max_body_bytes`), or "0" when `router.stream_guard` is off.
 GUARD_ENV = "MISTRAL_RAY_STREAM_GUARD"

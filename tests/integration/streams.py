@@ -1,5 +1,6 @@
 """How the failure tests read a stream, as a client that must know how it ended."""
 
+import json
 from typing import Callable, Optional
 
 import httpx
@@ -7,13 +8,22 @@ import httpx
 from mistral_ray.server.errors import REPLICA_HEADER
 
 
-def read_stream(client: httpx.Client, url: str, body: dict,
+def stream_last(body: dict, padding: int = 20 * 1024) -> bytes:
+    """`body` as JSON with `stream` last, after `padding` bytes of JSON whitespace: as clients that write the
+    flag after a long conversation send it, past HAProxy's first 16 KiB buffer."""
+    rest = {k: v for k, v in body.items() if k != "stream"}
+    return (json.dumps(rest)[:-1] + "," + " " * padding + f'"stream": {json.dumps(body["stream"])}}}').encode()
+
+
+def read_stream(client: httpx.Client, url: str, body: dict | bytes,
                 on_start: Callable[[Optional[str]], None]) -> tuple[Optional[str], str]:
     """(replica, outcome): "done" ([DONE] after the answer), "error event" (OpenAI's error event for a lost
     replica, then [DONE]: the stream guard's ending) or "broken" (the connection ended without [DONE])."""
     replica, outcome, lost = None, "broken", False
+    request = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
     try:
-        with client.stream("POST", url, json=body) as r:
+        with client.stream("POST", url, **request) as r:
             replica = r.headers.get(REPLICA_HEADER)
             on_start(replica)
             for line in r.iter_lines():

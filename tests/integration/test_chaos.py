@@ -1,8 +1,9 @@
 """Replica failure under load: 2 replicas serve a steady, bounded load of non-streamed requests and streams;
 the replica serving a stream is killed. No non-streamed request fails (HAProxy sends the ones it held to the
-other replica), every stream ends (cut ones at once, with OpenAI's error event and [DONE]: never hang, never broken), the cut streams are counted as the
-failures they are (HAProxy's server aborts, which the error-ratio rule adds to 5xx), Serve replaces the
-replica, and the deployment is back to 2 replicas."""
+other replica), every stream ends (cut ones at once, with OpenAI's error event and [DONE]: never hang, never
+broken), the cut streams are counted as the failures they are, in the series the error-ratio rule reads
+(Ray's per-request HTTP counter, status 502), scraped every 15 s as the PodMonitors do, across the HAProxy
+reload the lost replica causes; Serve replaces the replica, and the deployment is back to 2 replicas."""
 
 import re
 import threading
@@ -35,6 +36,20 @@ def server_aborts(app) -> float:
         r'^haproxy_backend_server_aborts_total\{proxy="http-' + re.escape(name) + r'[^"]*"\} (\S+)$', text, re.M))
 
 
+SCRAPE_S = 15  # the PodMonitors' interval
+
+
+def client_got(app, status: str) -> float:
+    """Ray's per-request HTTP counter (what the error-ratio rule reads) for this app and status, from the
+    node's metrics export port, as Prometheus scrapes it."""
+    port = app.deployment.service.observability.metrics_export_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    name = re.escape(app.deployment.app_name)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ray_serve_num_http_requests_total{") and f'application="{name}"' in line
+               and f'status_code="{status}"' in line)
+
+
 def test_killing_a_replica_loses_no_request_and_counts_cut_streams(app, base_url, model_name):
     import ray
 
@@ -44,6 +59,7 @@ def test_killing_a_replica_loses_no_request_and_counts_cut_streams(app, base_url
     assert len(actors) == 2, actors
     results, streams, streaming_now, stop, killed_at = [], [], {}, threading.Event(), []
     aborts_before = server_aborts(app)
+    scrapes = [client_got(app, "502")]
 
     def user():
         with httpx.Client(timeout=300) as client:
@@ -73,32 +89,40 @@ def test_killing_a_replica_loses_no_request_and_counts_cut_streams(app, base_url
     victim = next(iter(streaming_now.values()))  # a replica with a stream on it right now
     ray.kill(ray.get_actor(actors[victim]["name"], namespace=actors[victim]["namespace"]), no_restart=True)
     killed_at.append(time.monotonic())
-    # Keep the load on while Serve notices and HAProxy routes around the dead replica. HAProxy's counters
-    # start again at 0 when Serve reloads it with the new replica set, so sample them until then (as a
-    # Prometheus scraping every second does).
+    # Keep the load on while Serve notices and HAProxy routes around the dead replica. HAProxy's own
+    # counters start again at 0 when Serve reloads it with the new replica set: sampled every 15 s they
+    # show what the old error-ratio rule saw.
     samples = []
-    while time.monotonic() < killed_at[0] + 15:
+    next_scrape = time.monotonic() + SCRAPE_S
+    while time.monotonic() < killed_at[0] + 2 * SCRAPE_S:
         samples.append(server_aborts(app))
-        time.sleep(0.2)
+        if time.monotonic() >= next_scrape:
+            scrapes.append(client_got(app, "502"))
+            next_scrape += SCRAPE_S
+        time.sleep(SCRAPE_S / 3)
     stop.set()
     for t in threads:
         t.join(timeout=150)
+    time.sleep(3 * app.deployment.service.observability.metrics_report_interval_ms / 1000)
+    scrapes.append(client_got(app, "502"))
     assert not any(t.is_alive() for t in threads), "a request hung after the replica died"
     after = [r for r in results if r[0] > killed_at[0]]
     failed = [r for r in results if r[1] != 200]
     cut = [s for s in streams if s[1] == "error event"]
     broken = [s for s in streams if s[1] == "broken"]
     aborts = max(samples) - aborts_before
+    counted = scrapes[-1] - scrapes[0]
     print(f"\nchaos: {len(results)} requests ({len(after)} after the kill), {len(failed)} failed; "
           f"{len(streams)} streams, {len(cut)} cut (all on the killed replica, error event + [DONE]), {len(broken)} "
-          f"broken; HAProxy counted {aborts:.0f} "
-          "server aborts")
+          f"broken; counted as 502 (scraped every {SCRAPE_S} s): {counted:.0f}; HAProxy's own server aborts, "
+          f"sampled every {SCRAPE_S // 3} s: {aborts:.0f}")
     assert not failed, failed[:5]
     assert {r[2] for r in results if r[0] < killed_at[0]} == set(actors)  # both replicas served before
     assert len(after) >= 10 and victim not in {r[2] for r in after if r[0] > killed_at[0] + 1}  # the survivor took over
     assert cut and all(replica == victim for replica, _ in cut), streams
     assert not broken, broken  # the stream guard ended each cut stream as the API does
-    assert aborts >= len(cut)  # what the error-ratio rule and the error panel count
+    assert counted == len(cut), scrapes  # what the error-ratio rule and the error panel count
+    assert all(a <= b for a, b in zip(scrapes, scrapes[1:])), scrapes  # survived the reload
     deadline = time.monotonic() + 420
     while llm_replicas(app_name).get("RUNNING") != 2:
         assert time.monotonic() < deadline, llm_replicas(app_name)

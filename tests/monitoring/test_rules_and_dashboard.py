@@ -55,8 +55,8 @@ def test_dashboard_shape():
     assert variables["datasource"]["type"] == "datasource"
     assert variables["cluster"]["type"] == "query"
     titles = " | ".join(p["title"] for p in dash["panels"]).lower()
-    for needed in ["request rate", "error rate", "ttft at the replica", "ttft in the engine", "inter-token",
-                   "end-to-end", "tokens per second", "waiting requests per replica", "kv-cache usage",
+    for needed in ["request rate", "error rate", "ttft of streamed requests", "ttft in the engine", "inter-token",
+                   "end-to-end", "unary request latency", "tokens per second", "waiting requests per replica", "kv-cache usage",
                    "prefix-cache hit rate", "running vs desired", "rejected", "routing decisions",
                    "ingress router", "haproxy: retries", "cut by a replica"]:
         assert needed in titles, needed

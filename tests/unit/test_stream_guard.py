@@ -33,14 +33,19 @@ def _event(i: int) -> bytes:
     return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
+CAP = 65536  # the guard's body cap here (router.limits.max_body_bytes, through the cluster's environment)
+
+
 class Upstream:
     """A replica stand-in: `cut` in the request body -> two events, then the connection dies; `slow` -> an
-    event every 100 ms until the client leaves; otherwise three events and [DONE]. Records what it saw."""
+    event every 100 ms until the client leaves; `unary` -> one JSON answer; otherwise three events and
+    [DONE]. Records what it saw."""
 
     def __init__(self):
         self.port = _free_port()
         self.left: list[float] = []  # when a slow stream's client was found gone
         self.heads: list[bytes] = []  # every request's head, as HAProxy forwarded it
+        self.bodies: list[bytes] = []
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(5)
@@ -54,13 +59,21 @@ class Upstream:
         length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                        if line.lower().startswith(b"content-length:")), 0)
         body = await reader.readexactly(length)
+        self.bodies.append(body)
+        if b'"unary"' in body:
+            answer = json.dumps({"id": "c1", "object": "text_completion", "size": len(body)}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(answer), answer))
+            await writer.drain()
+            writer.close()
+            return
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
                      b"x-mistral-ray-replica: up-1\r\n\r\n")
 
         def chunk(data: bytes):
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-        if b'"cut"' in body or b"?cut " in head:  # (a chunked upload's body is not read here)
+        if b'"cut"' in body or b"?cut " in head:  # (an unguarded chunked upload's body is not read here)
             chunk(_event(0))
             chunk(_event(1))
             await writer.drain()
@@ -99,6 +112,7 @@ def proxy(tmp_path_factory):
     maxconn 200
 defaults
     mode http
+    option httplog
     timeout connect 2s
     timeout client 30s
     timeout server 30s
@@ -114,6 +128,10 @@ frontend prometheus
     no log
 frontend http_frontend
     bind 127.0.0.1:{port}
+    log {work}/metrics.sock len 8192 format rfc5424 local1 debug
+    log-format-sd "%{{+Q,+E}}o [serve@1 app=%[var(txn.serve_app)] route=%[var(txn.serve_route)] method=%HM status=%ST latency_ms=%Ta deployment=%[var(txn.serve_deployment)] term_state=%ts]"
+    http-request set-var-fmt(txn.serve_app) "mistral" if !{{ var(txn.serve_app) -m found }}
+    http-request set-var-fmt(txn.serve_route) "/" if !{{ var(txn.serve_route) -m found }}
     http-request set-var(txn.ingress_request_router_failed) str(router_unreachable) if {{ path_beg /norouter }}
     http-request return status 503 content-type text/plain lf-string "Ingress request router failed: %[var(txn.ingress_request_router_failed)]" hdr X-Serve-Reason %[var(txn.ingress_request_router_failed)] if {{ var(txn.ingress_request_router_failed) -m found }}
     use_backend dead if {{ path_beg /dead }}
@@ -127,10 +145,16 @@ listen stats
   stats enable
   stats uri /stats
 """)
+    # Ray's HAProxy manager reads the frontend's per-request log lines from this socket (its request metrics).
+    logs = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    logs.bind(str(work / "metrics.sock"))
+    up.logs = []
+    threading.Thread(target=lambda: [up.logs.append(logs.recv(65536)) for _ in iter(int, 1)], daemon=True).start()
     # Started as Ray starts it: the console script, named by the variable it is found by.
     wrapper = str(Path(sys.executable).parent / "mistral-ray-haproxy")
     proc = subprocess.Popen([wrapper, "-db", "-f", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper}, start_new_session=True)
+                            env={**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper,
+                                 "MISTRAL_RAY_STREAM_GUARD": str(CAP)}, start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -212,6 +236,33 @@ def test_a_stream_cut_by_the_replica_ends_with_an_error_event_and_done(proxy):
     assert json.loads(body.split(b"data: ")[-2])["error"]["code"] == "replica_lost"
 
 
+def _logged(up, before: int, count: int) -> list:
+    """The request metrics Ray's collector would record from the log lines after `before` (parsed by Ray)."""
+    from ray.serve._private.haproxy_metrics import HAProxyMetricsCollector
+
+    deadline = time.monotonic() + 5
+    while len(up.logs) < before + count and time.monotonic() < deadline:  # (at least)
+        time.sleep(0.05)
+    time.sleep(0.2)  # and no more than that
+    parsed = [HAProxyMetricsCollector.parse_line(line) for line in up.logs[before:]]
+    return [p for p in parsed if p is not None and p.status_code is not None]  # what Ray records
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/v1/chat/completions", {"stream": True, "messages": "cut"}, "502"),  # cut: what the client got
+    ("/v1/chat/completions", {"stream": True}, "200"),
+    ("/v1/completions", {"prompt": "unary"}, "200"),
+    ("/dead/v1/completions", {"prompt": "x"}, "503"),  # HAProxy's own answer
+])
+def test_each_request_is_one_metrics_line_with_the_status_its_client_got(proxy, path, body, status):
+    base, up, _ = proxy
+    before = len(up.logs)
+    with httpx.stream("POST", f"{base}{path}", json=body, timeout=10) as r:
+        r.read()
+    (line,) = _logged(up, before, 1)  # the guard's inner pass is not counted again
+    assert (line.status_code, line.app, line.route, line.method) == (status, "mistral", "/", "POST")
+
+
 def test_a_client_leaving_a_guarded_stream_reaches_the_replica(proxy):
     base, up, _ = proxy
     with httpx.stream("POST", f"{base}/v1/chat/completions", json={"stream": True, "messages": "slow"}) as r:
@@ -255,11 +306,58 @@ def test_a_body_sent_seconds_after_its_headers_is_served(proxy):
         assert b"data: [DONE]" in answer
 
 
-def test_a_body_of_no_declared_length_is_relayed_unguarded(proxy):
-    """The guard holds a body in memory, so it only takes bodies with a Content-Length under its cap; a
-    chunked upload goes straight through, and a cut then breaks the connection as HAProxy alone does."""
+def _cut_ends_with_error_event(base: str, **request) -> None:
+    with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=10, **request) as r:
+        assert r.status_code == 200
+        body = r.read()  # a complete chunked body: no broken connection
+    assert body.endswith(b"data: [DONE]\n\n"), body[-300:]
+    assert json.loads(body.split(b"data: ")[-2])["error"]["code"] == "replica_lost"
+
+
+def test_stream_after_20_kib_of_messages_is_guarded(proxy):
+    """Clients that write `stream` last (curl, JS, Go) put it past HAProxy's first buffer (16 KiB)."""
     base, _, _ = proxy
+    messages = [{"role": "user", "content": "x" * 1024} for _ in range(20)] + [{"role": "user", "content": "cut"}]
+    _cut_ends_with_error_event(base, content=json.dumps({"messages": messages, "stream": True}).encode(),
+                               headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("body", [
+    b'{"messages": "cut", "stream": "true"}',  # vLLM's reading takes these as true too
+    b'{"messages": "cut", "stream": 1}',
+    b'{"messages": "cut", "\\u0073tream": true}',
+    b'{"messages":"cut","stream"\n:\ttrue}',
+])
+def test_every_spelling_of_a_stream_is_guarded(proxy, body):
+    base, _, _ = proxy
+    _cut_ends_with_error_event(base, content=body, headers={"content-type": "application/json"})
+
+
+def test_a_body_of_no_declared_length_is_guarded(proxy):
+    """A chunked upload (or an HTTP/2 body) has no Content-Length: the guard reads it, up to its cap."""
+    base, up, _ = proxy
     body = json.dumps({"stream": True, "messages": "cut"}).encode()
+    _cut_ends_with_error_event(base, content=iter([body[:10], body[10:]]))
+    assert up.bodies[-1] == body  # relayed whole, with its length
+
+
+def test_a_unary_answer_passes_through_the_guard_unchanged(proxy):
+    base, up, _ = proxy
+    body = json.dumps({"prompt": "unary", "padding": "y" * 30000}).encode()
+    r = httpx.post(f"{base}/v1/completions", content=iter([body]), timeout=10)
+    assert r.status_code == 200 and r.json() == {"id": "c1", "object": "text_completion", "size": len(body)}
+    assert up.bodies[-1] == body
+
+
+def test_the_guard_holds_no_more_than_the_configured_body(proxy):
+    base, up, _ = proxy
+    over = json.dumps({"stream": True, "messages": "cut", "padding": "z" * CAP}).encode()
+    before = len(up.bodies)
+    r = httpx.post(f"{base}/v1/chat/completions", content=iter([over]), timeout=10)  # no declared length
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert len(up.bodies) == before  # refused in HAProxy, never sent on
+    # A declared length past the cap is the replica's to refuse: relayed without the guard (here the stand-in
+    # answers, and its cut then breaks the connection as HAProxy alone does).
     with pytest.raises(httpx.RemoteProtocolError):
-        with httpx.stream("POST", f"{base}/v1/chat/completions?cut", content=iter([body])) as r:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", content=over, timeout=10) as r:
             r.read()
