@@ -347,6 +347,11 @@ class ObservabilityConfig(_Strict):
     metrics_report_interval_ms: int = Field(
         5000, ge=100, description="How often Ray processes push metrics to the node's exporter."
     )
+    key_labels: int = Field(
+        50, ge=0, description="How many API key ids the request counter labels by (`key_id`), per replica: "
+        "the first this many ids seen keep their own series, later ones share `key_id=\"other\"`; 0: no "
+        "per-key series (`key_id=\"all\"`). Bounds the series a large key file makes."
+    )
 
 
 class ServiceConfig(_Strict):

@@ -53,6 +53,32 @@ def data_plane_env(deployment_file: str) -> str:
     return header + "".join(f"{key}={value}\n" for key, value in env.items())
 
 
+# Where the base's RayService names the ports the observability section sets: each group's Ray start
+# parameter and its container ports (by position in the base's lists, which tests/k8s checks by name).
+_GROUPS = {"headGroupSpec": {"metrics": 4, "haproxy-metrics": 5},
+           "workerGroupSpecs/0": {"metrics": 1, "haproxy-metrics": 2}}
+
+
+def ports_patch(deployment_file: str) -> str:
+    """A JSON patch of the RayService: the pods start Ray's exporter and open the container ports on the
+    deployment file's `observability.metrics_export_port` / `haproxy_metrics_port` (the PodMonitors
+    scrape the ports by name, so they follow)."""
+    obs = load_deployment(PROJECT_ROOT / deployment_file).service.observability
+    ports = {"metrics": obs.metrics_export_port, "haproxy-metrics": obs.haproxy_metrics_port}
+    ops = []
+    for group, index in _GROUPS.items():
+        spec = f"/spec/rayClusterConfig/{group}"
+        ops.append({"op": "replace", "path": f"{spec}/rayStartParams/metrics-export-port",
+                    "value": str(obs.metrics_export_port)})
+        for name, i in index.items():
+            ops.append({"op": "test", "path": f"{spec}/template/spec/containers/0/ports/{i}/name", "value": name})
+            ops.append({"op": "replace", "path": f"{spec}/template/spec/containers/0/ports/{i}/containerPort",
+                        "value": ports[name]})
+    header = (f"# Generated from {deployment_file} by `mistral-ray k8s serve-config --write`; a test fails on "
+              "drift.\n")
+    return header + yaml.safe_dump(ops, sort_keys=False)
+
+
 def overlay_file(overlay: str, name: str = "serve-config.yaml"):
     return PROJECT_ROOT / "k8s" / "overlays" / overlay / name
 
@@ -61,7 +87,8 @@ def write_overlays() -> list:
     written = []
     for overlay, deployment_file in OVERLAYS.items():
         for name, text in (("serve-config.yaml", serve_config_yaml(deployment_file)),
-                           ("data-plane.env", data_plane_env(deployment_file))):
+                           ("data-plane.env", data_plane_env(deployment_file)),
+                           ("ports.yaml", ports_patch(deployment_file))):
             path = overlay_file(overlay, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)

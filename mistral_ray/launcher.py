@@ -99,7 +99,8 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
     _started[:] = [p for p in psutil.Process().children() if p.pid not in before]
     # Several nodes on one machine cannot all bind the HTTP port: one HAProxy, on the head, as in the
     # RayService's head-only ingress. One node: the file's choice.
-    serve.start(http_options={"host": dep.http.host, "port": port},
+    # The file's http_options as Serve reads them (timeouts, root path, ...), on the port asked for.
+    serve.start(http_options={**(dep.raw.get("http_options") or {}), "host": dep.http.host, "port": port},
                 proxy_location="HeadOnly" if workers else dep.raw.get("proxy_location", "EveryNode"))
     serve.run(build(dep.service), name=dep.app_name, route_prefix=dep.route_prefix, blocking=False)
     base = f"http://{dep.http.host}:{port}{dep.route_prefix.rstrip('/')}"

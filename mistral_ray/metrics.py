@@ -37,8 +37,10 @@ def _declare(enabled: bool, kind, name: str, description: str, tags: tuple[str, 
 class RequestMetrics:
     """What clients asked a replica for and what they experienced, recorded by the replica's gate."""
 
-    def __init__(self, model: str, enabled: bool = True):
+    def __init__(self, model: str, enabled: bool = True, key_labels: int = 50):
         self.model = model
+        self.key_labels = key_labels
+        self._keys: set[str] = set()  # the key ids with a series of their own
         self.requests = _declare(
             enabled, metrics.Counter, "mistral_ray_requests_total",
             "Requests answered, by route, model, HTTP status and API key id.", ("route", "model", "status", "key_id"),
@@ -49,12 +51,13 @@ class RequestMetrics:
         )
         self.ttft = _declare(
             enabled, metrics.Histogram, "mistral_ray_time_to_first_token_seconds",
-            "From request received by the replica to the first body byte sent (the first token for streams).",
-            ("route", "model", "stream"), boundaries=TTFT_BUCKETS,
+            "Streamed generation requests: from request received by the replica to its first event sent.",
+            ("route", "model"), boundaries=TTFT_BUCKETS,
         )
         self.e2e = _declare(
             enabled, metrics.Histogram, "mistral_ray_e2e_request_latency_seconds",
-            "From request received by the replica to the last byte sent, successful requests.",
+            "Generation requests answered 2xx: from request received by the replica to the last byte sent; "
+            "stream=\"false\" is the latency of a unary answer.",
             ("route", "model", "stream"), boundaries=E2E_BUCKETS,
         )
         self.rejected = _declare(
@@ -92,10 +95,18 @@ class RequestMetrics:
         n = self._in_flight.get(route, 1) - 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
-        self.requests.inc(tags={"route": route, "model": self.model, "status": str(status), "key_id": key_id})
+        self.requests.inc(tags={"route": route, "model": self.model, "status": str(status),
+                                "key_id": self.key_label(key_id)})
 
-    def first_byte(self, route: str, stream: bool, seconds: float) -> None:
-        self.ttft.observe(seconds, tags={"route": route, "model": self.model, "stream": "true" if stream else "false"})
+    def key_label(self, key_id: str) -> str:
+        if not self.key_labels:
+            return "all"
+        if key_id not in self._keys and len(self._keys) < self.key_labels:
+            self._keys.add(key_id)
+        return key_id if key_id in self._keys else "other"
+
+    def first_token(self, route: str, seconds: float) -> None:
+        self.ttft.observe(seconds, tags={"route": route, "model": self.model})
 
     def completed(self, route: str, stream: bool, seconds: float) -> None:
         self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": "true" if stream else "false"})

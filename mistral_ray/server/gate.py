@@ -212,7 +212,7 @@ class Exchange:
                 self._count(body)
                 if self.request.hide_usage and b'"choices":[]' in body:
                     return  # the usage chunk we asked for; the client did not
-        if not more and self.status < 400:
+        if not more and self.status < 400 and self.request.route.generation:
             self.gate.metrics.completed(self.request.route.label, self.request.stream,
                                         time.perf_counter() - self.start)
         await self._send(message)
@@ -221,7 +221,8 @@ class Exchange:
         self.first_byte.set_result(None)
         if self.seq is not None:
             self.seq.started = True
-        self.gate.metrics.first_byte(self.request.route.label, self.request.stream, time.perf_counter() - self.start)
+        if self.request.stream and self.request.route.generation:  # a unary answer's first byte is all of it
+            self.gate.metrics.first_token(self.request.route.label, time.perf_counter() - self.start)
 
     def _count(self, body: bytes) -> None:
         usage = usage_of(body)

@@ -76,7 +76,8 @@ class LLMServer:
         info = self.engine.info()
         kv_tokens = (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0)
         self.load = Inflight(info.get("sliding_window"), kv_tokens, cfg.scaling.max_ongoing_requests)
-        self.metrics = RequestMetrics(cfg.model.name, enabled=cfg.observability.request_metrics)
+        obs = cfg.observability
+        self.metrics = RequestMetrics(cfg.model.name, enabled=obs.request_metrics, key_labels=obs.key_labels)
         try:
             ctx = serve.get_replica_context()
             self.metrics.configured(ctx.app_name, ctx.deployment, cfg.scaling.min_replicas, cfg.scaling.max_replicas)

@@ -40,6 +40,8 @@ def test_overlay_files_are_generated_from_the_deployment_file(built):
     assert k8s.overlay_file(overlay).read_text() == generated, "run: mistral-ray k8s serve-config --write"
     env = k8s.data_plane_env(k8s.OVERLAYS[overlay])
     assert k8s.overlay_file(overlay, "data-plane.env").read_text() == env, "run: mistral-ray k8s serve-config --write"
+    ports = k8s.ports_patch(k8s.OVERLAYS[overlay])
+    assert k8s.overlay_file(overlay, "ports.yaml").read_text() == ports, "run: mistral-ray k8s serve-config --write"
 
 
 def test_every_ray_pod_starts_with_the_data_plane_environment(built):
@@ -56,6 +58,21 @@ def test_every_ray_pod_starts_with_the_data_plane_environment(built):
         assert {"configMapRef": {"name": "mistral-ray-data-plane"}} in container["envFrom"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["haproxy-metrics"] == int(config_map["data"]["RAY_SERVE_HAPROXY_METRICS_PORT"])
+        assert ports["haproxy-metrics"] == local.observability.haproxy_metrics_port
+        assert ports["metrics"] == local.observability.metrics_export_port
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == str(local.observability.metrics_export_port)
+
+
+def test_the_metrics_ports_of_the_deployment_file_reach_the_pods(tmp_path):
+    """Another port in the file: the generated patch moves Ray's exporter and the pods' named ports."""
+    raw = yaml.safe_load((PROJECT_ROOT / k8s.OVERLAYS["cpu-dev"]).read_text())
+    raw["applications"][0]["args"]["observability"] = {"metrics_export_port": 9180, "haproxy_metrics_port": 9191}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    ops = [op for op in yaml.safe_load(k8s.ports_patch(str(changed))) if op["op"] == "replace"]
+    assert [op["value"] for op in ops if op["path"].endswith("/metrics-export-port")] == ["9180", "9180"]
+    assert sorted(op["value"] for op in ops if op["path"].endswith("/containerPort")) == [9180, 9180, 9191, 9191]
 
 
 def test_serve_config_v2_is_the_deployment_file(built):

@@ -100,11 +100,15 @@ def test_cluster_env_turns_the_data_plane_on_from_the_config():
     assert env["RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY"] == "0"  # spread replicas over worker nodes
     guard = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])  # this Python's console script: Ray can start it
     assert guard.name == "mistral-ray-haproxy" and guard.is_file() and os.access(guard, os.X_OK)
-    assert "MISTRAL_RAY_STREAM_GUARD" not in env  # the guard is on by default
+    assert env["MISTRAL_RAY_STREAM_GUARD"] == str(2 * 2**20)  # on by default, holding what the replica reads
+    capped = cluster_env(parse_service({"router": {"limits": {"max_body_bytes": 65536}}}))
+    assert capped["MISTRAL_RAY_STREAM_GUARD"] == "65536"
     unguarded = cluster_env(parse_service({"router": {"stream_guard": False}}))  # the wrapper still sets request ids
     assert unguarded["MISTRAL_RAY_STREAM_GUARD"] == "0" and unguarded["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(guard)
-    assert cluster_env(parse_service({"router": {"haproxy": False}, "scaling": {"placement": "pack"}})) == {
-        "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1"}
+    assert cluster_env(parse_service({"router": {"haproxy": False}, "scaling": {"placement": "pack"},
+                                      "observability": {"metrics_report_interval_ms": 2000}})) == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1",
+        "RAY_metrics_report_interval_ms": "2000"}  # every Ray process reads it, wherever Ray was started
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,10 @@ def vllm_like_app(started: list, cancelled: list) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "tiny-mistral", "object": "model"}]}
+
     for path in ("/invocations", "/v1/chat/completions/batch", "/inference/v1/generate", "/ping"):
         app.add_api_route(path, lambda: {"served": "by vLLM"}, methods=["GET", "POST"])  # vLLM has them too
 
@@ -107,6 +111,12 @@ class Recorded(RequestMetrics):
     def finished(self, route, status, key_id):
         super().finished(route, status, key_id)
         self.calls.append(("finished", route, status, key_id))
+
+    def first_token(self, route, seconds):
+        self.calls.append(("ttft", route))
+
+    def completed(self, route, stream, seconds):
+        self.calls.append(("e2e", route, stream))
 
 
 class Bank:
@@ -167,6 +177,22 @@ def test_unary_answer_carries_the_replica_header_and_counts_tokens():
     assert r.status_code == 200 and r.headers[REPLICA_HEADER] == s.replica_id
     assert ("tokens", "completions", 3, 2) in s.metrics.calls
     assert ("finished", "completions", 200, "none") in s.metrics.calls
+
+
+def test_ttft_is_observed_for_streamed_generation_only_and_unary_answers_get_their_latency():
+    s = asyncio.run(server())
+    assert call(s, "POST", "/v1/completions", json={"prompt": "hi"}).status_code == 200
+    assert call(s, "POST", "/v1/completions", json={"prompt": "hi", "stream": True}).status_code == 200
+    assert call(s, "GET", "/v1/models").status_code == 200
+    timed = [c for c in s.metrics.calls if c[0] in ("ttft", "e2e")]
+    assert timed == [("e2e", "completions", False), ("ttft", "completions"), ("e2e", "completions", True)]
+
+
+def test_the_key_label_is_bounded_and_can_be_off():
+    bounded = RequestMetrics("m", enabled=False, key_labels=2)
+    assert [bounded.key_label(k) for k in ("a", "b", "c", "a", "d", "b")] == ["a", "b", "other", "a", "other", "b"]
+    off = RequestMetrics("m", enabled=False, key_labels=0)
+    assert off.key_label("a") == "all"
 
 
 def test_stream_usage_is_counted_and_shown_only_when_asked_for():
