@@ -87,7 +87,7 @@ class EngineConfig(_Strict):
     cpu_threads: Optional[int] = Field(
         None, ge=1, description="Threads of a CPU engine's forward pass (OMP_NUM_THREADS); null: Ray's choice, "
         "the replica's reserved CPUs (at least 1). On a 2-core machine that also runs the proxy, 1 beats 2: "
-        "spinning OpenMP threads starve the serving processes (measured: ITL 11.6 vs 18.5 ms at c=1)."
+        "spinning OpenMP threads starve the serving processes (measured 2026-11-27 at 1b1bded: ITL 11.6 vs 18.5 ms at c=1)."
     )
     cpu_step_wait_us: Optional[int] = Field(
         100, ge=1, le=10_000, description="On a CPU engine, how its scheduler and worker wait for each other "
@@ -339,13 +339,20 @@ class ObservabilityConfig(_Strict):
         True, description="Record our request metrics (mistral_ray_* in the replicas and the ingress router)."
     )
     metrics_export_port: int = Field(
-        8080, ge=1, le=65535, description="Ray's per-node Prometheus export port (KubeRay's default)."
+        8080, ge=1, le=65535, description="Ray's per-node Prometheus export port (KubeRay's default). Set where "
+        "Ray starts: by `mistral-ray run`, and on Kubernetes by the overlay's generated ports patch (`mistral-ray "
+        "k8s serve-config --write`). `serve run` starts Ray itself and cannot set it: start Ray first "
+        "(`ray start --head --metrics-export-port N`), then `serve run`."
     )
     haproxy_metrics_port: int = Field(
-        9101, ge=1, le=65535, description="HAProxy's own Prometheus exporter on each node (Ray's default port)."
+        9101, ge=1, le=65535, description="HAProxy's own Prometheus exporter on each node (Ray's default port); "
+        "through the cluster's environment everywhere, and the pods' `haproxy-metrics` port on Kubernetes."
     )
     metrics_report_interval_ms: int = Field(
-        5000, ge=100, description="How often Ray processes push metrics to the node's exporter."
+        5000, ge=100, description="How often Ray processes push metrics to the node's exporter. Local only: "
+        "`mistral-ray run` passes it to the Ray it starts; elsewhere Ray's own default applies (Ray's "
+        "environment override of it, RAY_metrics_report_interval_ms, stops gauges from being exported: "
+        "tests/integration/test_metrics.py fails with it)."
     )
     key_labels: int = Field(
         50, ge=0, description="How many API key ids the request counter labels by (`key_id`), per replica: "

@@ -87,10 +87,7 @@ def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[s
     replicas) must start with it. Empty values are left unset. `scripts_dir` holds our `mistral-ray-haproxy`
     where the cluster runs (this Python's by default; the image's for Kubernetes)."""
     r = cfg.router
-    placement = {"RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1" if cfg.scaling.placement == "pack" else "0",
-                 # Ray's own override of its system config, read by every Ray process: how often each pushes
-                 # its metrics to the node's exporter (mistral-ray run also passes it to ray.init).
-                 "RAY_metrics_report_interval_ms": str(cfg.observability.metrics_report_interval_ms)}
+    placement = {"RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1" if cfg.scaling.placement == "pack" else "0"}
     if not r.haproxy:
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **placement}
     needs_body = r.routing.policy != "pow2"  # prefix digests, or the body's `user` as the session

@@ -20,7 +20,8 @@ __all__ = ["DEFAULTS", "Result", "run", "run_target", "table", "to_json", "plot"
 
 # Workload defaults (the CLI shows and takes these). The chat trace is the one the routing acceptance is
 # measured on: 3 turns per conversation (LMSYS-Chat-1M averages 2), short shared system prompts, long user
-# turns (pasted text, documents), 64-token answers. See docs/benchmarks.md for 4-turn and short-turn runs.
+# turns (pasted text, documents), 64-token answers. 4-turn and 6-turn (short-turn) traces: docs/benchmarks.md,
+# "Routing on other chat traces" (2026-11-27).
 DEFAULTS = dict(requests=64, input_len=128, output_len=64, vocab=961, seed=0, sessions=32, turns=3,
                 system_prompts=2, system_words=30, user_words=150)
 

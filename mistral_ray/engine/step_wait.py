@@ -4,9 +4,9 @@ vLLM's EngineCore and its worker hand each step over in a shared-memory queue an
 other, busy-loop on `sched_yield` (vLLM's `SpinCondition`: a fixed 1 s busy window, no setting). On a GPU the
 waiting side has a core to itself. In a CPU replica it shares two cores with the forward pass and with Ray's
 and HAProxy's processes, all at nice 0 above the replica's nice 15, so the spin comes straight out of the
-forward pass (py-spy: 89 % of the EngineCore's samples were this loop; docs/benchmarks.md, "where the CPU
-goes at concurrency 32"). Sleeping a few microseconds instead of yielding gives that time back; the handover
-costs at most one sleep per step.
+forward pass (py-spy: 89 % of the EngineCore's samples were this loop; docs/benchmarks.md, "Where the CPU
+goes at concurrency 32", 2026-11-28). Sleeping a few microseconds instead of yielding gives that time back;
+the handover costs at most one sleep per step.
 vLLM's own idle path (block on a notify socket, busy window 0) is not used: it loses wake-ups and stalls
 seconds per step at low load (measured: 0.06 req/s at c=1).
 

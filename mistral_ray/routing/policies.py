@@ -47,12 +47,12 @@ class LoadAverage:
     Why it falls slowly: replicas answer in batches, and when a batch ends its replica is nearly empty for
     the moment before its conversations' next turns arrive. Compared at that moment, every other replica
     looks `imbalance` above it, and conversations left the replicas holding their prefixes for it, at every
-    batch's end (the chat trace at concurrency 32, 2 replicas: docs/benchmarks.md, "the overload check on
-    averaged loads"). A sustained
+    batch's end (the chat trace at concurrency 32, 2 replicas: docs/benchmarks.md, "Routing: overload needs a
+    gap and a ratio", 2026-11-29). A sustained
     imbalance still shows within a window or two. Why it rises at once: a rise is requests that are there,
     most of them our own picks; averaged in slowly, a replica that just took a burst of moved conversations
     still looked light, and drew more (8 moves in 0.12 s where 2 or 3 closed the gap: docs/benchmarks.md,
-    "overload needs a gap and a ratio")."""
+    "Routing: overload needs a gap and a ratio", 2026-11-29)."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s

@@ -36,7 +36,7 @@ from tests.integration.streams import read_stream, stream_last
 
 pytestmark = pytest.mark.integration
 # drain_timeout_s: the drained stream (1,200 tokens) took 25 s alone here and longer in the whole suite; the
-# default 30 s cut it there (CI, stop 16). The test is about the drain waiting, not about this machine's speed.
+# default 30 s cut it there (in a CI run). The test is about the drain waiting, not about this machine's speed.
 SCALING = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=8,
                look_back_period_s=3, metrics_interval_s=0.5, drain_timeout_s=120)
 

@@ -105,10 +105,8 @@ def test_cluster_env_turns_the_data_plane_on_from_the_config():
     assert capped["MISTRAL_RAY_STREAM_GUARD"] == "65536"
     unguarded = cluster_env(parse_service({"router": {"stream_guard": False}}))  # the wrapper still sets request ids
     assert unguarded["MISTRAL_RAY_STREAM_GUARD"] == "0" and unguarded["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(guard)
-    assert cluster_env(parse_service({"router": {"haproxy": False}, "scaling": {"placement": "pack"},
-                                      "observability": {"metrics_report_interval_ms": 2000}})) == {
-        "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1",
-        "RAY_metrics_report_interval_ms": "2000"}  # every Ray process reads it, wherever Ray was started
+    assert cluster_env(parse_service({"router": {"haproxy": False}, "scaling": {"placement": "pack"}})) == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1"}
 
 
 @pytest.mark.parametrize(
