@@ -20,6 +20,7 @@ def _interrupt(*_) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from mistral_ray import launcher
+    from mistral_ray.options import llm_deployment_options
 
     dep = load_deployment(args.config)
     launcher.check_ports(dep, args.port or dep.http.port)
@@ -45,10 +46,9 @@ def _run(args: argparse.Namespace) -> int:
         while not stop.wait(1):
             pass
         drain = dep.app_name
-        print(f"mistral-ray: stopping; requests in flight get up to {dep.service.scaling.drain_timeout_s:g}s "
-              "to finish (again to stop now) ...", flush=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _interrupt)  # the next one ends the drain
+        budget = llm_deployment_options(dep.service)["graceful_shutdown_timeout_s"]
+        print(f"mistral-ray: stopping; requests in flight get up to {budget:g}s to finish (again to stop now) ...",
+              flush=True)
     except KeyboardInterrupt:
         print("mistral-ray: interrupted, shutting down ...", flush=True)
     finally:

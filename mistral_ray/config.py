@@ -355,9 +355,9 @@ class ObservabilityConfig(_Strict):
         "tests/integration/test_metrics.py fails with it)."
     )
     key_labels: int = Field(
-        50, ge=0, description="How many API key ids the request counter labels by (`key_id`), per replica: "
-        "the first this many ids seen keep their own series, later ones share `key_id=\"other\"`; 0: no "
-        "per-key series (`key_id=\"all\"`). Bounds the series a large key file makes."
+        50, ge=0, description="How many API key ids the request counter labels by (`key_id`): the first this "
+        "many of the key file (the same on every replica) keep their own series, the others share "
+        "`key_id=\"other\"`; 0: no per-key series (`key_id=\"all\"`). Bounds the series a large key file makes."
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -43,8 +45,16 @@ def check_ports(dep: DeploymentFile, port: int) -> None:
     if dep.service.router.haproxy:
         wanted.append((dep.http.host, obs.haproxy_metrics_port, "observability.haproxy_metrics_port"))
     wanted.append((dep.http.host, obs.metrics_export_port, "observability.metrics_export_port"))
+    if dep.service.router.haproxy:  # HAProxy's stats page, on loopback (8404: Ray's default; not importing
+        # Serve for it, which reads the cluster's environment once, before start() has set it)
+        wanted.append(("127.0.0.1", int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404")),
+                       "RAY_SERVE_HAPROXY_STATS_PORT"))
     for host, number, field in wanted:
-        if processes.taken(host, number):
+        try:
+            busy = processes.taken(host, number)
+        except OSError as exc:
+            raise StartError(f"{host}:{number} ({field}) cannot be listened on: {exc.strerror}") from None
+        if busy:
             who = processes.holder(host, number)
             raise StartError(f"{host}:{number} ({field}) is already in use{' by ' + who if who else ''}; "
                              "stop that process or choose another port")
@@ -115,7 +125,8 @@ def stop(app: Optional[str] = None) -> None:
     `app`: first delete that application the way Serve scales a replica down: HAProxy stops sending it
     requests, each replica finishes the ones it has (up to `scaling.drain_timeout_s`), then its engine
     shuts down; an idle app is gone in about `router.deregister_s`. A KeyboardInterrupt (Ctrl-C again)
-    ends the wait and the teardown goes on."""
+    ends the wait, and Serve's graceful shutdown is skipped too: Ray goes at once. From there on signals
+    are ignored until the teardown (bounded) is done: one arriving mid-way would leave processes behind."""
     import ray
     from ray import serve
 
@@ -123,15 +134,24 @@ def stop(app: Optional[str] = None) -> None:
 
     global _cluster
     started = processes.tree(_started)
+    graceful = True
+    previous = _on_signals(signal.SIG_IGN) if app else {}
     try:
         if app and ray.is_initialized():
+            _on_signals(signal.default_int_handler)  # Ctrl-C (or SIGTERM) again: stop waiting
             try:
                 serve.delete(app, _blocking=True)
             except KeyboardInterrupt:
-                pass
+                graceful = False
+                print("mistral-ray: stopping now", flush=True)
+            finally:
+                _on_signals(signal.SIG_IGN)
+        # What the drain started meanwhile (HAProxy reloads) goes too.
+        started += [p for p in processes.tree(_started) if p not in started]
         if ray.is_initialized():
             try:
-                serve.shutdown()
+                if graceful:
+                    serve.shutdown()
             finally:
                 ray.shutdown()
     finally:
@@ -140,6 +160,15 @@ def stop(app: Optional[str] = None) -> None:
             _cluster = None
         killed = processes.sweep(started, SWEEP_GRACE_S)
         _started.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if killed:
             print(f"mistral-ray: killed {len(killed)} process(es) left after Ray's shutdown: {', '.join(killed)}",
                   flush=True)
+
+
+def _on_signals(handler) -> dict:
+    """Handle SIGINT and SIGTERM with `handler` (only the main thread can); return the handlers they had."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -37,10 +37,12 @@ def _declare(enabled: bool, kind, name: str, description: str, tags: tuple[str, 
 class RequestMetrics:
     """What clients asked a replica for and what they experienced, recorded by the replica's gate."""
 
-    def __init__(self, model: str, enabled: bool = True, key_labels: int = 50):
+    def __init__(self, model: str, enabled: bool = True, key_labels: int = 50, key_ids: tuple[str, ...] = ()):
         self.model = model
         self.key_labels = key_labels
-        self._keys: set[str] = set()  # the key ids with a series of their own
+        # The key ids with a series of their own: the first `key_labels` of the key file, so every replica
+        # labels the same keys; "none" (keys off) and "unknown" (refused) always.
+        self._keys = {*key_ids[:key_labels], "none", "unknown"}
         self.requests = _declare(
             enabled, metrics.Counter, "mistral_ray_requests_total",
             "Requests answered, by route, model, HTTP status and API key id.", ("route", "model", "status", "key_id"),
@@ -101,8 +103,6 @@ class RequestMetrics:
     def key_label(self, key_id: str) -> str:
         if not self.key_labels:
             return "all"
-        if key_id not in self._keys and len(self._keys) < self.key_labels:
-            self._keys.add(key_id)
         return key_id if key_id in self._keys else "other"
 
     def first_token(self, route: str, seconds: float) -> None:

@@ -64,10 +64,11 @@ def holder(host: str, port: int) -> str:
     """The process listening on `port` (on `host` or every interface), as 'pid N (name)', or ''."""
     import psutil
 
+    addresses = {host, "0.0.0.0", "::", *(["127.0.0.1", "::1"] if host == "localhost" else [])}
     try:
         for c in psutil.net_connections(kind="tcp"):
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid \
-                    and c.laddr.ip in (host, "0.0.0.0", "::"):
+                    and c.laddr.ip in addresses:
                 return f"pid {c.pid} ({psutil.Process(c.pid).name()})"
     except (psutil.Error, OSError):
         pass
@@ -75,13 +76,19 @@ def holder(host: str, port: int) -> str:
 
 
 def taken(host: str, port: int) -> bool:
+    """Whether another socket holds `port` on `host` (IPv4 or IPv6, as the host resolves). Other bind errors
+    (a host that is not this machine's, no permission) are raised: they are not "in use"."""
+    import errno
     import socket
 
-    with socket.socket() as s:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to HAProxy too
         try:
-            s.bind((host, port))
-        except OSError:
-            return True
+            s.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
     return False
-

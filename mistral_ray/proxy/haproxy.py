@@ -47,9 +47,11 @@ _ERRORS = {  # HAProxy's own pages: status -> (reason phrase, message, OpenAI co
     504: ("Gateway Timeout", "no answer from a replica in time", "timeout"),
 }
 def too_large(limit: int) -> str:
-    """The replica's own 413 body (server/checks.py), for a body of no declared length past the guard's cap."""
-    return json.dumps(error_body(413, f"request body is over the limit of {limit} bytes",
+    """The replica's 413 body (server/checks.py's words), for a body of no declared length past the guard's
+    cap. Refused in HAProxy, it is not in the replicas' rejected-requests counter (Ray's HTTP counter has it)."""
+    return json.dumps(error_body(413, f"request body is {limit + 1} bytes or more; the limit is {limit} bytes",
                                  code="request_too_large"))
+
 
 
 LOST = sse_error(502, "the replica serving this stream stopped before the end of its answer; retry the request",
@@ -106,32 +108,32 @@ def guarded(config: str, directory: Path, max_body: int = 0) -> Optional[str]:
     request_id = f"    http-request set-header {REQUEST_ID_HEADER} %[uuid] if !{{ so_name {INNER_NAME} }}"
     if max_body:
         # After Ray's rules that name the request's app, route and deployment (its metrics line carries
-        # them), before the ingress router's (the inner pass asks it, once).
-        end = next((i for i in range(len(lines) - 1, bind, -1)
-                    if lines[i].lstrip().startswith("http-request set-var-fmt(txn.serve_")), None)
-        if end is None:
-            end = next((i - 1 for i in range(bind + 1, len(lines))
-                        if lines[i].lstrip().startswith(("use_backend ", "default_backend ", "backend "))), None)
+        # them), before the first of the ingress router's (the inner pass asks it, once) or the backends.
+        end = next((i for i in range(bind + 1, len(lines)) if "ingress_request_router" in lines[i]
+                    or lines[i].lstrip().startswith(("use_backend ", "default_backend ", "backend "))), None)
         if end is None:
             return None
-        lines[end + 1:end + 1] = [f"    http-request wait-for-body time {wait_s}s if {outer}",
-                                  f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {held}"]
+        lines[end:end] = [f"    http-request wait-for-body time {wait_s}s if {outer}",
+                          f"    http-request use-service lua.{GUARD_SERVICE} if {outer} {held}"]
+        client = f"!{{ so_name {INNER_NAME} }}"
         lines[bind + 1:bind + 1] = [
             f"    bind unix@{inner} name {INNER_NAME}",
             request_id,
             # Ray's per-request metrics (serve_num_http_requests, from this frontend's log lines) count
-            # the client's pass, whose status is what the client got: a stream the guard ended with the
-            # error event is a 502 there, not the 200 its headers said.
-            f"    http-request set-log-level silent if {{ so_name {INNER_NAME} }}",
-            f"    http-request set-var({STATUS_VAR}) int(-1)",
-            f"    http-after-response set-var({STATUS_VAR}) status",
+            # the client's pass, with the status its client got: a stream the guard ended with the error
+            # event is a 502 there, not the 200 its headers said. The inner pass logs no status, which
+            # Ray's collector skips (its access-log line and Ray's router metrics stay).
+            f"    http-request set-var({STATUS_VAR}) int(-1) if {client}",
+            f"    http-after-response set-var({STATUS_VAR}) status if {client}",
         ]
         lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
     else:
         lines[bind + 1:bind + 1] = [request_id]
     _bind_side_listeners(lines, host)
     out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED, _router_failed_json())
-    if max_body:
+    if max_body and "log-format-sd" in out:
+        if " status=%ST " not in out:
+            return None  # Ray's metrics line changed shape: cut streams would be logged as 200
         out = out.replace(" status=%ST ", f" status=%[var({STATUS_VAR})] ")
     for status in _ERRORS:
         path = directory / f"openai-{status}.http"
@@ -192,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     binary = real_binary()
     # Ray's proxy actor is our parent: when it dies, so does this HAProxy (a reloaded one too), instead of
     # holding the HTTP port for the next proxy (processes.py).
-    die_with_parent(signal.SIGTERM, os.getppid())
+    die_with_parent(signal.SIGTERM)
     os.execv(binary, [binary, *args])
 
 

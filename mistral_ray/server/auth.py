@@ -24,6 +24,11 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The key ids, in the key file's order (no keys)."""
+        return tuple(dict.fromkeys(key_id for _, key_id in self._keys))
+
     def identify(self, authorization: Optional[str]) -> Optional[str]:
         """The key id for an `Authorization: Bearer <key>` header, or None. Every stored digest is
         compared, with hmac.compare_digest, so timing does not tell which key (or how much) matched."""

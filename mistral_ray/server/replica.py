@@ -76,14 +76,15 @@ class LLMServer:
         info = self.engine.info()
         kv_tokens = (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0)
         self.load = Inflight(info.get("sliding_window"), kv_tokens, cfg.scaling.max_ongoing_requests)
+        keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
         obs = cfg.observability
-        self.metrics = RequestMetrics(cfg.model.name, enabled=obs.request_metrics, key_labels=obs.key_labels)
+        self.metrics = RequestMetrics(cfg.model.name, enabled=obs.request_metrics, key_labels=obs.key_labels,
+                                      key_ids=keys.ids if keys else ())
         try:
             ctx = serve.get_replica_context()
             self.metrics.configured(ctx.app_name, ctx.deployment, cfg.scaling.min_replicas, cfg.scaling.max_replicas)
         except Exception:
             pass  # outside Serve (unit tests): no deployment to describe
-        keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
         bank = Quota(quota, cfg.router.limits.quota_timeout_s) if quota is not None else None
         self.checks = Checks(cfg, keys, bank, self.load, self.engine.read_request,
                              info.get("max_model_len") or cfg.engine.max_model_len or 0)

@@ -158,9 +158,39 @@ def test_a_loopback_deployment_listens_on_loopback_only_and_stops_without_waitin
         proc.wait(timeout=60)
         took = time.monotonic() - started
         print(f"\nidle stop: {took:.1f}s")
+        assert not session_processes(proc.pid)
         # Serve's drain budget is 30 s (scaling.drain_timeout_s): an idle app does not wait for it (what it
         # does take: 3 s for HAProxy to deregister the replica, about 5 s for vLLM's engine to shut down).
         assert took < STOP_BOUND_S, took
+    finally:
+        for p in session_processes(proc.pid):
+            p.kill()
+
+
+def test_a_second_signal_stops_without_waiting_for_the_answer(tmp_path):
+    port = free_port()
+    proc = _start(_config(tmp_path, port), {**os.environ, **free_haproxy_ports()})
+    try:
+        for line in proc.stdout:
+            if line.startswith("mistral-ray ready:"):
+                break
+        out, first = {}, threading.Event()
+        client = threading.Thread(target=_stream, args=(f"http://127.0.0.1:{port}", out, first))
+        client.start()
+        assert first.wait(60) and out.get("status") == 200, out
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        lines = _lines(proc)
+        deadline = time.monotonic() + 10
+        while not any("stopping;" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # again: stop now
+        proc.wait(timeout=60)
+        client.join(60)
+        took = time.monotonic() - started
+        print(f"\nstop now: {took:.1f}s, the answer got {out.get('tokens')} of {ANSWER_TOKENS} tokens")
+        assert not session_processes(proc.pid) and took < STOP_BOUND_S, (took, lines[-5:])
+        assert any("stopping now" in line for line in lines), lines[-5:]
     finally:
         for p in session_processes(proc.pid):
             p.kill()

@@ -188,10 +188,12 @@ def test_ttft_is_observed_for_streamed_generation_only_and_unary_answers_get_the
     assert timed == [("e2e", "completions", False), ("ttft", "completions"), ("e2e", "completions", True)]
 
 
-def test_the_key_label_is_bounded_and_can_be_off():
-    bounded = RequestMetrics("m", enabled=False, key_labels=2)
-    assert [bounded.key_label(k) for k in ("a", "b", "c", "a", "d", "b")] == ["a", "b", "other", "a", "other", "b"]
-    off = RequestMetrics("m", enabled=False, key_labels=0)
+def test_the_key_label_is_bounded_the_same_on_every_replica_and_can_be_off():
+    # The first key_labels ids of the key file, whatever order requests come in: replicas agree.
+    bounded = RequestMetrics("m", enabled=False, key_labels=2, key_ids=("a", "b", "c", "d"))
+    assert [bounded.key_label(k) for k in ("c", "a", "d", "b", "none", "unknown")] == \
+        ["other", "a", "other", "b", "none", "unknown"]
+    off = RequestMetrics("m", enabled=False, key_labels=0, key_ids=("a",))
     assert off.key_label("a") == "all"
 
 

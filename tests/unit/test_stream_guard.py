@@ -240,12 +240,15 @@ def _logged(up, before: int, count: int) -> list:
     """The request metrics Ray's collector would record from the log lines after `before` (parsed by Ray)."""
     from ray.serve._private.haproxy_metrics import HAProxyMetricsCollector
 
-    deadline = time.monotonic() + 5
-    while len(up.logs) < before + count and time.monotonic() < deadline:  # (at least)
+    def recorded():
+        parsed = [HAProxyMetricsCollector.parse_line(line) for line in up.logs[before:]]
+        return [p for p in parsed if p is not None and p.status_code is not None]  # what Ray records
+
+    deadline = time.monotonic() + 10
+    while len(recorded()) < count and time.monotonic() < deadline:  # (at least)
         time.sleep(0.05)
-    time.sleep(0.2)  # and no more than that
-    parsed = [HAProxyMetricsCollector.parse_line(line) for line in up.logs[before:]]
-    return [p for p in parsed if p is not None and p.status_code is not None]  # what Ray records
+    time.sleep(0.5)  # and no more than that
+    return recorded()
 
 
 @pytest.mark.parametrize("path, body, status", [
