@@ -304,6 +304,10 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     cuts = [s for s in query_range(prometheus, errors_expr, wall_kill - 5, time.time())
             if s["metric"].get("status_code") == "502"]  # the streams the guard ended, as their clients got them
     assert cuts and max(float(v) for s in cuts for _, v in s["values"]) > 0, cuts
+    ratio = next(r["expr"] for g in yaml.safe_load(monitoring.RULES.read_text())["groups"] for r in g["rules"]
+                 if r.get("record") == "mistral_ray:error_ratio:rate5m")
+    failing = query_range(prometheus, ratio, wall_kill - 5, time.time())
+    assert failing and max(float(v) for s in failing for _, v in s["values"]) > 0, failing  # the alert's input
     print(f"  prometheus: {alert['alert']} condition held for {sum(len(s['values']) for s in down)} s; "
           "the error panel showed the cut streams")
     wait(lambda: len(cluster.replicas()) == 1, 180, "back to one replica")
