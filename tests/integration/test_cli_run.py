@@ -72,6 +72,13 @@ def _stream(url: str, out: dict, first: threading.Event) -> None:
         first.set()
 
 
+def _wait_ready(proc) -> str:
+    for line in proc.stdout:
+        if line.startswith("mistral-ray ready:"):
+            return line
+    pytest.fail(f"mistral-ray run ended without a ready line (rc {proc.wait()})")
+
+
 def _lines(proc) -> list[str]:
     lines = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
@@ -142,9 +149,7 @@ def test_a_loopback_deployment_listens_on_loopback_only_and_stops_without_waitin
     port = free_port()
     proc = _start(_config(tmp_path, port), {**os.environ, **free_haproxy_ports()})
     try:
-        for line in proc.stdout:
-            if line.startswith("mistral-ray ready:"):
-                break
+        _wait_ready(proc)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200
         listening = _listening(proc.pid)
@@ -171,9 +176,7 @@ def test_a_second_signal_stops_without_waiting_for_the_answer(tmp_path):
     port = free_port()
     proc = _start(_config(tmp_path, port), {**os.environ, **free_haproxy_ports()})
     try:
-        for line in proc.stdout:
-            if line.startswith("mistral-ray ready:"):
-                break
+        _wait_ready(proc)
         out, first = {}, threading.Event()
         client = threading.Thread(target=_stream, args=(f"http://127.0.0.1:{port}", out, first))
         client.start()
