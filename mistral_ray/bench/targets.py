@@ -23,6 +23,7 @@ import yaml
 
 from mistral_ray.config import PROJECT_ROOT, ServiceConfig, load_deployment
 from mistral_ray.options import replica_env, vllm_args
+from mistral_ray.processes import die_with_parent
 
 LOCAL_CPU = PROJECT_ROOT / "deployments" / "local-cpu.yaml"
 BENCH_KEY = "sk-bench-0000000000000000"  # the API key `ours` targets require and every target is sent
@@ -101,19 +102,13 @@ class Target:
             p.kill()
 
 
-def _die_with_parent() -> None:
-    """In the target's process, before exec: the kernel sends it SIGTERM when the bench dies, however it
-    dies (SIGKILL included), and the target shuts its server down as it does on Ctrl-C."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _spawn(cmd: list[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})}, cwd=PROJECT_ROOT, preexec_fn=_die_with_parent)
+                            env={**os.environ, **(env or {})}, cwd=PROJECT_ROOT,
+                            # in the target's process, before exec: it gets SIGTERM when the bench dies
+                            # (however it dies) and shuts its server down as on Ctrl-C
+                            preexec_fn=die_with_parent)
 
 
 def _ours(label: str, policy: str, replicas: int, workdir: Path) -> Target:
