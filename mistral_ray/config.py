@@ -74,6 +74,11 @@ class EngineConfig(_Strict):
     )
     max_num_seqs: int = Field(64, ge=1, description="Sequences the engine batches at once.")
     max_num_batched_tokens: Optional[int] = Field(None, ge=16, description="Tokens per engine step.")
+    block_size: Optional[int] = Field(
+        None, ge=1, description="Tokens per KV-cache block (vLLM --block-size); null: vLLM's (16 on CUDA, 128 on "
+        "CPU, where it must be a multiple of 32). A sliding-window hit needs the blocks covering the window: "
+        "with the tiny model's 64-token window, 128-token blocks make that one block, 32 makes it two."
+    )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     cpu_kvcache_space_gib: float = Field(
         1.0, gt=0, description="KV cache per replica on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."
@@ -206,10 +211,12 @@ class ApiKeysConfig(_Strict):
 class RoutingConfig(_Strict):
     """Which LLM replica gets a request (see mistral_ray/routing/policies.py)."""
 
-    policy: Literal["pow2", "prefix_affinity", "session"] = Field(
+    policy: Literal["pow2", "prefix_affinity", "kv_aware", "session"] = Field(
         "pow2", description="pow2: the less loaded of two random replicas. prefix_affinity: the replica "
-        "holding the longest cached prompt prefix. session: the replica the session used before. The last two "
-        "fall back to pow2 when their favourite is overloaded."
+        "that was sent the longest prefix of the prompt (a guess from the text). kv_aware: the replica whose "
+        "engine holds the most reusable prompt tokens, from its own KV-cache events, with vLLM's sliding-window "
+        "rule (prefix_affinity until the events are in). session: the replica the session used before. All but "
+        "pow2 fall back to pow2 when their favourite is overloaded."
     )
     imbalance: int = Field(
         16, ge=0, description="A favourite replica is skipped when its queued + running requests exceed the "

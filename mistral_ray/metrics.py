@@ -9,12 +9,16 @@ own metrics are vLLM's (`vllm:*`, exported as `ray_vllm_*`); HAProxy's come from
 
 from __future__ import annotations
 
+import time
+
 from ray.util import metrics
 
 # LLM latencies span 10 ms (a cached first token) to minutes (long generations): web-default buckets
 # (5 ms .. 10 s) would put every long request in +Inf.
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
+# |engine's cached prompt tokens - router's prediction|: 0 lands in the first bucket (misses are whole blocks).
+KV_ERROR_BUCKETS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384]
 ROUTE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]
 
 REJECT_REASONS = (
@@ -81,6 +85,17 @@ class RequestMetrics:
             "scaling.min_replicas of the deployment, from the config (for 'replica down').",
             ("application", "deployment"),
         )
+        self.kv_predictions = _declare(
+            enabled, metrics.Counter, "mistral_ray_kv_predictions_total",
+            "kv_aware: requests whose cached prompt tokens the router predicted, by how the engine's own count "
+            "(usage.prompt_tokens_details.cached_tokens) compared: exact, under (the engine reused more), over.",
+            ("route", "model", "outcome"),
+        )
+        self.kv_prediction_error = _declare(
+            enabled, metrics.Histogram, "mistral_ray_kv_prediction_error_tokens",
+            "kv_aware: |engine's cached prompt tokens - router's prediction| per request (0: exact).",
+            ("route", "model"), boundaries=KV_ERROR_BUCKETS,
+        )
         self._in_flight: dict[str, int] = {}
 
     def configured(self, application: str, deployment: str, min_replicas: int, max_replicas: int) -> None:
@@ -115,6 +130,12 @@ class RequestMetrics:
         assert reason in REJECT_REASONS, reason
         self.rejected.inc(tags={"route": route, "model": self.model, "reason": reason})
 
+    def kv_prediction(self, route: str, predicted: int, cached: int) -> None:
+        """kv_aware: what the router predicted against what the engine reused for this request."""
+        outcome = "exact" if predicted == cached else "under" if predicted < cached else "over"
+        self.kv_predictions.inc(tags={"route": route, "model": self.model, "outcome": outcome})
+        self.kv_prediction_error.observe(abs(cached - predicted), tags={"route": route, "model": self.model})
+
     def count_tokens(self, route: str, prompt: int, completion: int) -> None:
         self.tokens.inc(prompt, tags={"route": route, "model": self.model, "direction": "in"})
         self.tokens.inc(completion, tags={"route": route, "model": self.model, "direction": "out"})
@@ -132,8 +153,41 @@ class RoutingMetrics:
             ("application", "policy", "decision"),
         )
 
+        self.kv_blocks = _declare(
+            enabled, metrics.Gauge, "mistral_ray_kv_index_blocks",
+            "kv_aware: KV-cache blocks the router knows a replica's engine holds (from its KV events).",
+            ("application", "policy", "replica"),
+        )
+        self.kv_events = _declare(
+            enabled, metrics.Counter, "mistral_ray_kv_events_total",
+            "kv_aware: KV-cache events applied to the router's index (stored, removed, cleared).",
+            ("application", "policy"),
+        )
+        self.kv_resets = _declare(
+            enabled, metrics.Counter, "mistral_ray_kv_index_resets_total",
+            "kv_aware: times a replica's index started over (events lost beyond the engine's replay buffer, "
+            "or more blocks than the engine has).", ("application", "policy"),
+        )
+        self._kv_seen: dict[str, tuple[float, int, int]] = {}  # replica -> (last update, events, resets counted)
+
     def decided(self, reason: str) -> None:
         self.decisions.inc(tags={**self.tags, "decision": reason})
+
+    def kv_index(self, replica: str, index, period_s: float = 1.0) -> None:
+        """A replica's index size, and the events and resets since the last update, at most once per period
+        (from the router's event loop: the feed's thread only counts)."""
+        if index is None:
+            return
+        now = time.monotonic()
+        last, events, resets = self._kv_seen.get(replica, (0.0, 0, 0))
+        if now - last < period_s:
+            return
+        self._kv_seen[replica] = (now, index.events, index.resets)
+        self.kv_blocks.set(index.size(), tags={**self.tags, "replica": replica})
+        if index.events > events:
+            self.kv_events.inc(index.events - events, tags=self.tags)
+        if index.resets > resets:
+            self.kv_resets.inc(index.resets - resets, tags=self.tags)
 
 
 class RouteLatency:

@@ -39,6 +39,7 @@ def vllm_args(cfg: ServiceConfig) -> dict[str, Any]:
         max_model_len=e.max_model_len,
         max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens,
+        block_size=e.block_size,
         enable_prefix_caching=e.enable_prefix_caching,
         tensor_parallel_size=e.tensor_parallel_size,
         enforce_eager=e.enforce_eager,
@@ -53,6 +54,15 @@ def vllm_args(cfg: ServiceConfig) -> dict[str, Any]:
     if e.device == "cuda":
         args["gpu_memory_utilization"] = e.gpu_memory_utilization
     args.update(e.extra_args)
+    if cfg.router.routing.policy == "kv_aware":
+        # The engine publishes what it caches (tcp://*:0: the node's address, VLLM_HOST_IP, on a free port;
+        # the replica reports where), keeps a replay buffer for a router that missed some, and reports each
+        # answer's cached prompt tokens (usage.prompt_tokens_details), which the gate compares with what the
+        # router predicted. sha256 is vLLM's default block hash; the router computes the same.
+        args["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:0",
+                                    "replay_endpoint": "tcp://*:0"}
+        args["enable_prompt_tokens_details"] = True
+        args["prefix_caching_hash_algo"] = "sha256"
     cap = cfg.router.limits.max_tokens
     if cap is not None:
         # The engine's own cap on completion tokens, on every route, asked or not: vLLM takes the smallest of

@@ -10,6 +10,7 @@ answers, where vLLM would silently shorten the completion.
 from __future__ import annotations
 
 import logging
+import os
 import types
 from http import HTTPStatus
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from vllm.config import KVEventsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -71,7 +73,7 @@ def server_args(vllm_args: dict[str, Any]):
         raise ValueError(f"unknown vLLM argument(s) {', '.join(unknown)} (engine.extra_args takes `vllm serve` "
                          "option names with _ for -)")
     for key, value in vllm_args.items():
-        setattr(args, key, value)
+        setattr(args, key, KVEventsConfig(**value) if key == "kv_events_config" and isinstance(value, dict) else value)
     args.disable_log_stats = False
     return args
 
@@ -191,7 +193,17 @@ class VLLMEngine:
             "block_size": cache.block_size,
             "num_kv_blocks": cache.num_gpu_blocks,
             "prefix_caching": cache.enable_prefix_caching,
+            "kv_events": self.kv_events(),
         }
+
+    def kv_events(self) -> Optional[dict[str, Any]]:
+        """Where this engine publishes its KV events (the addresses it bound), for the routers; None when off."""
+        sources = self.llm.engine_core.get_kv_event_sources()
+        if not sources:
+            return None
+        published = sources[min(sources)]
+        return {"pub": published.endpoint, "replay": published.replay_endpoint, "topic": published.topic,
+                "seed": os.environ.get("PYTHONHASHSEED"), "blocks": self.llm.vllm_config.cache_config.num_gpu_blocks}
 
     async def check_health(self) -> None:
         await self.llm.check_health()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 # The OpenAI routes whose prompt we can read, by path.
 PROMPT_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses"}
@@ -24,6 +24,10 @@ class RouteHint:
     prompt_chars: int = 0
     follow_up: bool = True  # False for a chat's first request: nothing of its own can be cached yet
     picker: Optional[str] = None  # the ingress router that picks (its picks count as load until reported)
+    tokens: tuple[int, ...] = ()  # kv_aware: the prompt's token ids as the engine will see them
+    # kv_aware fills this while ranking: replica -> prompt tokens its engine would reuse (the ingress router
+    # tells the chosen replica, which compares it with the engine's own count).
+    predicted: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 def _text(value: Any) -> str:
@@ -83,27 +87,37 @@ def parse_object(body: bytes) -> Optional[dict[str, Any]]:
     return payload if isinstance(payload, dict) else None
 
 
+Tokenize = Callable[[str, dict], Optional[tuple[int, ...]]]
+
+
 def hint_from_body(body: bytes, session: Optional[str], block_chars: int, max_blocks: int,
-                   picker: Optional[str] = None) -> RouteHint:
+                   picker: Optional[str] = None, tokenize: Optional[Tokenize] = None) -> RouteHint:
     """The routing hint of a request. A body that is missing, truncated, unparsable or of a shape no check
-    has refused yet gives a hint with no prefix: the policy then goes by load (and the session header)."""
+    has refused yet gives a hint with no prefix: the policy then goes by load (and the session header).
+    `tokenize` (kv_aware's `PromptTokens.of`) adds the prompt's token ids when it can tell them."""
     try:
-        return _hint(body, session, block_chars, max_blocks, picker)
+        return _hint(body, session, block_chars, max_blocks, picker, tokenize)
     except (RecursionError, ValueError, TypeError, AttributeError):
         return RouteHint(session=session, picker=picker)
 
 
 def _hint(body: bytes, session: Optional[str], block_chars: int, max_blocks: int,
-          picker: Optional[str]) -> RouteHint:
+          picker: Optional[str], tokenize: Optional[Tokenize] = None) -> RouteHint:
     payload = parse_object(body)
     route = route_of(payload)
     if payload is None or route is None:
         return RouteHint(session=session, picker=picker)
     user = payload.get("user")
     text = prompt_text(route, payload)
+    tokens = None
+    if tokenize is not None:
+        try:
+            tokens = tokenize(route, payload)
+        except Exception:  # a template or tokenizer error on a body no check has seen: the text prefix decides
+            tokens = None
     return RouteHint(prefix_blocks(text, block_chars, max_blocks),
                      session or (user if isinstance(user, str) else None), len(text),
-                     is_follow_up(route, payload), picker)
+                     is_follow_up(route, payload), picker, tokens or ())
 
 
 def route_of(payload: Optional[dict[str, Any]]) -> Optional[str]:

@@ -26,6 +26,8 @@ from mistral_ray.routing.hint import hint_from_body
 logger = logging.getLogger("ray.serve")
 # HAProxy strips client-sent headers with Serve's router prefix and applies the ones we return.
 PICKER_HEADER = "x-serve-router-mistral-ray-picker"
+# kv_aware: the prompt tokens the router predicted the chosen replica's engine would reuse.
+PREDICTED_HEADER = "x-serve-router-mistral-ray-predicted-cached"
 TRUNCATED_HEADER = b"x-body-truncated"
 
 
@@ -72,6 +74,11 @@ class IngressRouter:
         self.picker = serve.get_replica_context().replica_id.unique_id
         self.metrics = RouteLatency(serve.get_replica_context().app_name, self.routing.policy,
                                       enabled=cfg.observability.request_metrics)
+        self.tokens = None
+        if self.routing.policy == "kv_aware":
+            from mistral_ray.routing.tokens import PromptTokens
+
+            self.tokens = PromptTokens(cfg.model.resolved_source(), cfg.engine.chat_template)
         llm._init()  # start the handle's request router now, not on the first request
 
     async def __serve_build_asgi_app__(self):
@@ -99,7 +106,8 @@ class IngressRouter:
         # A truncated body is not JSON: route it by load (and session header), as an unparsable one.
         hint = hint_from_body(b"" if TRUNCATED_HEADER in headers else body,
                               session.decode("latin-1") if session else None,
-                              self.routing.block_chars, self.routing.max_prefix_blocks, self.picker)
+                              self.routing.block_chars, self.routing.max_prefix_blocks, self.picker,
+                              self.tokens.of if self.tokens is not None else None)
         # While Serve knows no replica this waits for one; HAProxy gives up after its router timeout (5 s)
         # and answers 503. (HAProxy only asks while it lists replicas: an app at zero replicas goes to Serve's
         # fallback proxy, which waits for the cold start.)
@@ -110,8 +118,12 @@ class IngressRouter:
             logger.warning("ingress router: no replica picked: %s: %s", type(exc).__name__, exc)
             return await _answer(send, 503, {"detail": f"no replica: {type(exc).__name__}"})
         host, port = replica.backend_http_endpoint or ("", 0)
+        headers = {PICKER_HEADER: self.picker}
+        predicted = hint.predicted.get(replica.replica_id.unique_id)
+        if predicted is not None:
+            headers[PREDICTED_HEADER] = str(predicted)
         await _answer(send, 200, {"replica_id": replica.replica_id.to_full_id_str(), "host": host, "port": port,
-                                  "request_headers": {PICKER_HEADER: self.picker}})
+                                  "request_headers": headers})
         self.metrics.answered(time.perf_counter() - start)
 
 

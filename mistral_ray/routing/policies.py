@@ -8,6 +8,8 @@ the request's `RouteHint` (`routing/hint.py`), and the request goes to the first
   (load beyond the least loaded replica's by more than `imbalance` and `imbalance_ratio` times, or KV nearly
   full); then `pow2`. A chat's first request (no assistant message yet) goes by load too: all it can share
   is a system prompt.
+- `kv_aware` (`kv_policy.py`): the replica whose engine holds the most reusable prompt tokens, from its
+  own KV events; prefix_affinity until those are in.
 - `session`: the replica a session (header or `user` field) went to before, with the same overload fallback.
 
 Load is queued + running requests as the replicas report them; the overload check sees each load rise at
@@ -26,8 +28,10 @@ from typing import Iterable, Optional
 
 from mistral_ray.routing.hint import RouteHint
 
-POLICIES = ("pow2", "prefix_affinity", "session")
+POLICIES = ("pow2", "prefix_affinity", "kv_aware", "session")
 ARRIVALS = "arrivals"  # a replica's routing stat: {picker id: requests it received from that picker}
+# A replica's routing stat under kv_aware: where its engine publishes KV events (routing/kv_feed.py).
+KV_EVENTS = "kv_events"
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,13 @@ class Session(Policy):
 
 
 def make_policy(name: str, *, imbalance: int, imbalance_ratio: float, kv_limit: float, index_blocks: int,
-                max_sessions: int, rng: Optional[random.Random] = None) -> Policy:
+                max_sessions: int, rng: Optional[random.Random] = None, feed=None) -> Policy:
+    """`feed`: kv_aware's KVFeed (routing/kv_feed.py), which the request router owns."""
     common = dict(imbalance=imbalance, imbalance_ratio=imbalance_ratio, kv_limit=kv_limit, rng=rng)
+    if name == "kv_aware":
+        from mistral_ray.routing.kv_policy import KVAware
+
+        return KVAware(feed, PrefixIndex(index_blocks), **common)
     if name == "prefix_affinity":
         return PrefixAffinity(PrefixIndex(index_blocks), **common)
     if name == "session":

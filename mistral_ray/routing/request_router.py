@@ -29,7 +29,7 @@ from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
 from mistral_ray.config import RoutingConfig
 from mistral_ray.metrics import RoutingMetrics
 from mistral_ray.routing.hint import RouteHint
-from mistral_ray.routing.policies import ARRIVALS, Load, LoadAverage, Policy, make_policy
+from mistral_ray.routing.policies import ARRIVALS, KV_EVENTS, Load, LoadAverage, Policy, make_policy
 
 
 def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
@@ -52,9 +52,14 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         `metrics`: observability.request_metrics."""
         cfg = RoutingConfig(**routing)
         self.metrics = RoutingMetrics(self._deployment_id.app_name, cfg.policy, enabled=metrics)
+        self.feed = None
+        if cfg.policy == "kv_aware":
+            from mistral_ray.routing.kv_feed import KVFeed
+
+            self.feed = KVFeed(cfg.index_blocks)
         self.policy: Policy = make_policy(
             cfg.policy, imbalance=cfg.imbalance, imbalance_ratio=cfg.imbalance_ratio, kv_limit=cfg.kv_limit,
-            index_blocks=cfg.index_blocks, max_sessions=cfg.max_sessions)
+            index_blocks=cfg.index_blocks, max_sessions=cfg.max_sessions, feed=self.feed)
         self.in_flight: Counter[str] = Counter()  # sent through Serve, not completed (proxy path)
         self.picks: dict[str, Counter[str]] = {}  # picker -> replica -> picks (ingress-router path)
         # Picks of the last few reports' time: a pick that never arrives (HAProxy sent it elsewhere after a
@@ -66,6 +71,10 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
     def _load(self, replica: RunningReplica, picker: Optional[str]) -> Load:
         stats = replica.routing_stats or {}
         rid = replica.replica_id.unique_id
+        if self.feed is not None and stats.get(KV_EVENTS):
+            source = stats[KV_EVENTS]
+            self.feed.track(rid, source, source.get("blocks"))
+            self.metrics.kv_index(rid, self.feed.indexes.get(rid))
         reported = int(stats.get(WAITING, 0) + stats.get(RUNNING, 0))
         unseen = 0
         if picker is not None:  # picked by us, not yet arrived when the replica last reported
@@ -137,7 +146,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             self._forget(replica)
 
     def _forget(self, replica: str) -> None:
-        self.policy.forget(replica)
+        self.policy.forget(replica)  # kv_aware's forgets the replica's KV index too
         self.average.forget(replica)
         self.in_flight.pop(replica, None)
         self.recent.pop(replica, None)

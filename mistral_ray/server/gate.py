@@ -19,7 +19,7 @@ import time
 from typing import Awaitable, Callable, Optional
 
 from mistral_ray.metrics import RequestMetrics
-from mistral_ray.routing.ingress import PICKER_HEADER
+from mistral_ray.routing.ingress import PICKER_HEADER, PREDICTED_HEADER
 from mistral_ray.server.checks import Admitted, Checks
 from mistral_ray.server.errors import REPLICA_HEADER, REQUEST_ID_HEADER, Refused, normalized, sse_error
 from mistral_ray.server.load import Inflight
@@ -27,10 +27,12 @@ from mistral_ray.server.routes import Route, route_of
 
 logger = logging.getLogger("ray.serve")
 _PICKER = PICKER_HEADER.encode()
+_PREDICTED = PREDICTED_HEADER.encode()
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _NOT_SERVED = {404: "no such route on this server (see the README's route table)",
                405: "this route does not take that method"}
 _USAGE = re.compile(rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens)":\s*(\d+)')
+_CACHED = re.compile(rb'"cached_tokens":\s*(\d+)')
 
 
 def usage_of(body: bytes) -> Optional[tuple[int, int]]:
@@ -44,6 +46,13 @@ def usage_of(body: bytes) -> Optional[tuple[int, int]]:
     prompt = found.get(b"prompt_tokens", found.get(b"input_tokens"))
     completion = found.get(b"completion_tokens", found.get(b"output_tokens"))
     return None if prompt is None else (prompt, completion or 0)
+
+
+def cached_of(body: bytes) -> Optional[int]:
+    """The engine's cached prompt tokens from a usage object (prompt_tokens_details), if any."""
+    at = body.rfind(b'"usage":{')
+    found = _CACHED.search(body, at) if at >= 0 else None
+    return int(found.group(1)) if found else None
 
 
 def _path(scope) -> str:
@@ -117,7 +126,9 @@ class Gate:
             request_id = headers.get(_REQUEST_ID) if self.trust_request_id else None
             request = await self.checks.admit(route, scope["method"], headers, receive, key_id,
                                               request_id.decode("latin-1") if request_id else None)
-            status = await self._forward(scope, receive, send, request, start)
+            predicted = headers.get(_PREDICTED) if self.trust_request_id else None  # set by our router only
+            status = await self._forward(scope, receive, send, request, start,
+                                         int(predicted) if predicted and predicted.isdigit() else None)
         except Refused as refusal:
             status = refusal.status
             if status != 499:  # 499: the client left while sending its body, nobody to answer
@@ -142,8 +153,9 @@ class Gate:
                     # but it was a request (it cost a render), so only its tokens come back.
                     self.checks.quota.refund(key_id, (0.0, request.charge[1]))
 
-    async def _forward(self, scope, receive, send, request: Admitted, start: float) -> int:
-        exchange = Exchange(self, send, request, start)
+    async def _forward(self, scope, receive, send, request: Admitted, start: float,
+                       predicted: Optional[int] = None) -> int:
+        exchange = Exchange(self, send, request, start, predicted)
         app = self.app(scope, _replay(request.body, receive) if scope["method"] == "POST" else receive,
                        exchange.send)
         try:
@@ -177,8 +189,9 @@ class Gate:
 class Exchange:
     """One request's response on its way out: status, header, first byte, usage, error bodies."""
 
-    def __init__(self, gate: Gate, send, request: Admitted, start: float):
+    def __init__(self, gate: Gate, send, request: Admitted, start: float, predicted: Optional[int] = None):
         self.gate, self._send, self.request, self.start, self.seq = gate, send, request, start, request.seq
+        self.predicted = predicted  # kv_aware: the cached prompt tokens the router expected
         self.status = 500
         self.started = False  # response headers went out
         self.first_byte = asyncio.get_running_loop().create_future()
@@ -228,6 +241,11 @@ class Exchange:
         usage = usage_of(body)
         if usage is not None:
             self.gate.metrics.count_tokens(self.request.route.label, *usage)
+        if self.predicted is not None:
+            cached = cached_of(body)
+            if cached is not None:
+                self.gate.metrics.kv_prediction(self.request.route.label, self.predicted, cached)
+                self.predicted = None
 
     async def _error(self) -> None:
         """vLLM's (or FastAPI's) error, rewritten into OpenAI's body; a 4xx here is a validation refusal."""

@@ -19,6 +19,7 @@ from mistral_ray.config import ServiceConfig
 from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.metrics import RequestMetrics
 from mistral_ray.options import llm_deployment_options, vllm_args
+from mistral_ray.routing.policies import KV_EVENTS
 from mistral_ray.server.auth import ApiKeys
 from mistral_ray.server.checks import Checks
 from mistral_ray.server.gate import Gate
@@ -43,7 +44,15 @@ async def start_vllm(cfg: ServiceConfig) -> Engine:
         tiny_model.ensure(cfg.model.resolved_source())
     if cfg.engine.device == "cpu" and cfg.engine.cpu_threads:  # the engine's workers inherit this environment
         os.environ["OMP_NUM_THREADS"] = str(cfg.engine.cpu_threads)
-    return await VLLMEngine.start(vllm_args(cfg), ray_metrics=cfg.observability.engine_metrics,
+    args = vllm_args(cfg)
+    if "kv_events_config" in args:
+        # Each replica's events under its own topic; bound on this node's address (the one Ray's own listeners
+        # use), where the routers on the other nodes reach it.
+        import ray
+
+        args["kv_events_config"] = {**args["kv_events_config"], "topic": replica_id()}
+        os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()
+    return await VLLMEngine.start(args, ray_metrics=cfg.observability.engine_metrics,
                                   max_prompt_tokens=cfg.router.limits.max_prompt_tokens)
 
 
@@ -74,6 +83,7 @@ class LLMServer:
         self.engine = await (engine_factory or start_vllm)(cfg)
         self.replica_id = replica_id()
         info = self.engine.info()
+        self.kv_events = info.get("kv_events")
         kv_tokens = (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0)
         self.load = Inflight(info.get("sliding_window"), kv_tokens, cfg.scaling.max_ongoing_requests)
         keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
@@ -100,7 +110,10 @@ class LLMServer:
 
     def record_routing_stats(self) -> dict:
         """Serve's controller reads this every `routing.stats_period_s` and passes it to every router."""
-        return self.load.routing_stats()
+        stats = self.load.routing_stats()
+        if self.kv_events:
+            stats[KV_EVENTS] = self.kv_events
+        return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler reads this every `scaling.metrics_interval_s` (see autoscaling.py)."""

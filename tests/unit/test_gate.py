@@ -51,7 +51,8 @@ def vllm_like_app(started: list, cancelled: list) -> FastAPI:
                 yield f'data: {{"choices":[{{"text":"{i}"}}],"usage":null}}\n\n'
                 await asyncio.sleep(0.01)
             if (body.get("stream_options") or {}).get("include_usage"):
-                yield 'data: {"choices":[],"usage":{"prompt_tokens":7,"total_tokens":10,"completion_tokens":3}}\n\n'
+                yield ('data: {"choices":[],"usage":{"prompt_tokens":7,"total_tokens":10,"completion_tokens":3,'
+                       '"prompt_tokens_details":{"cached_tokens":32}}}\n\n')
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -117,6 +118,9 @@ class Recorded(RequestMetrics):
 
     def completed(self, route, stream, seconds):
         self.calls.append(("e2e", route, stream))
+
+    def kv_prediction(self, route, predicted, cached):
+        self.calls.append(("kv", route, predicted, cached))
 
 
 class Bank:
@@ -205,6 +209,22 @@ def test_stream_usage_is_counted_and_shown_only_when_asked_for():
     shown = call(s, "POST", "/v1/completions", json={**body, "stream_options": {"include_usage": True}}).text
     assert '"usage":{"prompt_tokens":7' in shown
     assert s.metrics.calls.count(("tokens", "completions", 7, 3)) == 2
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_kv_aware_prediction_is_compared_with_the_engines_count(monkeypatch, trusted):
+    from mistral_ray.routing.ingress import PREDICTED_HEADER
+    from mistral_ray.server import replica
+
+    monkeypatch.setattr(replica, "haproxy_serves", lambda: trusted)  # HAProxy strips clients' router headers
+    s = asyncio.run(server())
+    body = {"model": "tiny-mistral", "prompt": "hi", "stream": True}
+    for predicted in ("32", "0", "64"):
+        call(s, "POST", "/v1/completions", json=body, headers={PREDICTED_HEADER: predicted})
+    call(s, "POST", "/v1/completions", json=body)  # not predicted: nothing to compare
+    kv = [c for c in s.metrics.calls if c[0] == "kv"]
+    assert kv == ([("kv", "completions", 32, 32), ("kv", "completions", 0, 32), ("kv", "completions", 64, 32)]
+                  if trusted else [])
 
 
 @pytest.mark.parametrize("body, status, code, param", [
