@@ -33,6 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     print(f"mistral-ray: starting {dep.path} (model {dep.service.model.name}) ...", flush=True)
     drain = None
+    again: list = []
     try:
         running = launcher.start(dep, port=args.port, ready_timeout_s=args.ready_timeout, workers=args.nodes)
         # ray.init() installs its own SIGTERM handler (which aborts the process); take the signals back.
@@ -46,13 +47,16 @@ def _run(args: argparse.Namespace) -> int:
         while not stop.wait(1):
             pass
         drain = dep.app_name
+        # From here a signal means "again": kept until launcher.stop listens, so none is lost in between.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: again.append(True))
         budget = llm_deployment_options(dep.service)["graceful_shutdown_timeout_s"]
         print(f"mistral-ray: stopping; requests in flight get up to {budget:g}s to finish (again to stop now) ...",
               flush=True)
     except KeyboardInterrupt:
         print("mistral-ray: interrupted, shutting down ...", flush=True)
     finally:
-        launcher.stop(drain)
+        launcher.stop(drain, again=lambda: bool(again))
     return 0
 
 

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import httpx
 
@@ -118,7 +118,7 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
     return Running(dep, base, time.monotonic() - t0, _cluster)
 
 
-def stop(app: Optional[str] = None) -> None:
+def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) -> None:
     """Tear down Serve and the Ray cluster this process started, then make sure no process of it is left
     (HAProxy's reloaded workers and vLLM's EngineCore leave their parents' process groups).
 
@@ -126,7 +126,9 @@ def stop(app: Optional[str] = None) -> None:
     requests, each replica finishes the ones it has (up to `scaling.drain_timeout_s`), then its engine
     shuts down; an idle app is gone in about `router.deregister_s`. A KeyboardInterrupt (Ctrl-C again)
     ends the wait, and Serve's graceful shutdown is skipped too: Ray goes at once. From there on signals
-    are ignored until the teardown (bounded) is done: one arriving mid-way would leave processes behind."""
+    are ignored until the teardown (bounded) is done: one arriving mid-way would leave processes behind.
+    `again()` says whether that second signal came before this function took the signals (the caller kept it).
+    """
     import ray
     from ray import serve
 
@@ -140,6 +142,8 @@ def stop(app: Optional[str] = None) -> None:
         if app and ray.is_initialized():
             _on_signals(signal.default_int_handler)  # Ctrl-C (or SIGTERM) again: stop waiting
             try:
+                if again is not None and again():  # it came before this handler: as if it came now
+                    raise KeyboardInterrupt
                 serve.delete(app, _blocking=True)
             except KeyboardInterrupt:
                 graceful = False

@@ -173,6 +173,10 @@ class RoutingMetrics:
     def decided(self, reason: str) -> None:
         self.decisions.inc(tags={**self.tags, "decision": reason})
 
+    def kv_forget(self, replica: str) -> None:
+        if self._kv_seen.pop(replica, None) is not None:
+            self.kv_blocks.set(0, tags={**self.tags, "replica": replica})
+
     def kv_index(self, replica: str, index, period_s: float = 1.0) -> None:
         """A replica's index size, and the events and resets since the last update, at most once per period
         (from the router's event loop: the feed's thread only counts)."""
@@ -182,6 +186,8 @@ class RoutingMetrics:
         last, events, resets = self._kv_seen.get(replica, (0.0, 0, 0))
         if now - last < period_s:
             return
+        if index.events < events:  # a new index (the replica's feed reconnected): counts start over
+            events = resets = 0
         self._kv_seen[replica] = (now, index.events, index.resets)
         self.kv_blocks.set(index.size(), tags={**self.tags, "replica": replica})
         if index.events > events:

@@ -78,7 +78,8 @@ class IngressRouter:
         if self.routing.policy == "kv_aware":
             from mistral_ray.routing.tokens import PromptTokens
 
-            self.tokens = PromptTokens(cfg.model.resolved_source(), cfg.engine.chat_template)
+            self.tokens = PromptTokens(cfg.model.resolved_source(), cfg.engine.chat_template,
+                                       tokenizer_mode=cfg.engine.tokenizer_mode, revision=cfg.model.revision)
         llm._init()  # start the handle's request router now, not on the first request
 
     async def __serve_build_asgi_app__(self):

@@ -15,7 +15,9 @@ Hit rules (vLLM's `find_longest_cache_hit` of each KV-cache group's manager):
   longest such L wins, and without one, the leading run of cached blocks counts.
 
 A hit never covers the prompt's last token (the engine must compute it to sample): at most
-`prompt_tokens - 1` tokens, in whole blocks. A model with several groups reuses what every group can.
+`prompt_tokens - 1` tokens, in whole blocks. A model with several groups (full attention and a window)
+runs vLLM's HybridKVCacheCoordinator loop: each group's hit is capped by the previous one's, round after
+round, until the length stops shrinking.
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def reusable_tokens(prompt_tokens: int, hashes: Sequence[bytes], block_size: int
     membership test. The engine reuses at most `prompt_tokens - 1` tokens, in whole blocks."""
     if not groups:
         return 0
-    limit = min(len(hashes), max(0, prompt_tokens - 1) // block_size)
-    blocks = min(reusable_blocks(lambda i, has=has: has(hashes[i]), limit, group) for group, has in groups)
-    return blocks * block_size
+    blocks = min(len(hashes), max(0, prompt_tokens - 1) // block_size)
+    ordered = sorted(groups, key=lambda g: g[0].sliding_window is not None)  # full attention first, as vLLM
+    while True:
+        capped = blocks
+        for group, has in ordered:
+            capped = reusable_blocks(lambda i, has=has: has(hashes[i]), capped, group)
+        if capped == blocks:
+            return blocks * block_size
+        blocks = capped

@@ -13,6 +13,10 @@ a reset (`mistral_ray_kv_index_resets_total`): until the evicted blocks come bac
 over-predicts. A group of an index never holds more than `max_blocks` hashes (the engine's own block count
 bounds what it can cache: more means removals were lost, and the index resets).
 
+vLLM does not de-duplicate blocks: two requests that computed the same prefix at once hold two blocks of
+one hash, each stored and later removed on its own; the index counts copies, so the first removal does not
+hide the second copy.
+
 Hashes are kept as their low 64 bits (what vLLM publishes with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES, and a
 fixed-size key either way).
 """
@@ -50,17 +54,17 @@ class ReplicaIndex:
 
     max_blocks: int
     groups: dict[int, Group] = field(default_factory=dict)
-    blocks: dict[int, set[int]] = field(default_factory=dict)
+    blocks: dict[int, dict[int, int]] = field(default_factory=dict)  # group -> hash -> copies held
     seq: int = -1  # last applied sequence number
     resets: int = 0
     events: int = 0
     restart: bool = False  # after a reset that no replay could fill: the next message starts the count
 
     def size(self) -> int:
-        return sum(len(s) for s in self.blocks.values())
+        return sum(len(s) for s in list(self.blocks.values()))  # read from the router's loop: no iteration race
 
     def clear(self) -> None:
-        self.blocks = {g: set() for g in self.blocks}
+        self.blocks = {g: {} for g in list(self.blocks)}
 
     def reset(self) -> None:
         """Start over: what the engine holds now is unknown until it is stored again."""
@@ -82,13 +86,21 @@ class ReplicaIndex:
                     window = event.get("kv_cache_spec_sliding_window")
                     sliding = (event.get("kv_cache_spec_kind") or "").lower().startswith("sliding") or window
                     self.groups[group] = Group(int(event["block_size"]), int(window) if sliding and window else None)
-                self.blocks.setdefault(group, set()).update(key(h) for h in event.get("block_hashes") or ())
-                if len(self.blocks[group]) > self.max_blocks:
+                held = self.blocks.setdefault(group, {})
+                for h in event.get("block_hashes") or ():
+                    k = key(h)
+                    held[k] = held.get(k, 0) + 1
+                if len(held) > self.max_blocks:
                     self.reset()
             elif kind == "BlockRemoved":
                 held = self.blocks.get(group)
-                if held:
-                    held.difference_update(key(h) for h in event.get("block_hashes") or ())
+                for h in (event.get("block_hashes") or ()) if held else ():
+                    k = key(h)
+                    copies = held.get(k, 0) - 1
+                    if copies > 0:
+                        held[k] = copies
+                    else:
+                        held.pop(k, None)
 
     def receive(self, seq: int, payload: bytes) -> Optional[int]:
         """Apply one message. Returns the sequence number to replay from when this one leaves a gap (the
@@ -102,17 +114,22 @@ class ReplicaIndex:
         self.seq = seq
         return None
 
-    def replayed(self, messages: list[tuple[int, bytes]], start: int) -> None:
+    def replayed(self, messages: list[tuple[int, bytes]], start: int) -> Optional[int]:
         """Apply a replay that was asked to start at `start`; if the engine's buffer no longer reaches back
-        that far, reset first."""
+        that far, reset first. A replay with a hole (the replay socket dropped some) is applied up to the hole;
+        returns where to ask again, else None."""
         if not messages or messages[0][0] > start:
             self.reset()
             self.seq, self.restart = -1, True
         for seq, payload in messages:
+            if seq <= self.seq:
+                continue
+            if seq != self.seq + 1 and not self.restart:
+                return self.seq + 1
             self.restart = False
-            if seq > self.seq:
-                self.apply(decode(payload))
-                self.seq = seq
+            self.apply(decode(payload))
+            self.seq = seq
+        return None
 
     def cached(self, group: int):
         held = self.blocks.get(group, set())

@@ -40,9 +40,9 @@ class KVFeed:
         if not source or self._sources.get(replica) == source:
             return
         self._sources[replica] = source
+        self.indexes.pop(replica, None)  # made anew when the feed connects: no old engine's events in it
         # The engine's own block count bounds what it can cache; without it, routing.index_blocks.
-        self.indexes[replica] = ReplicaIndex(max_blocks or self.max_blocks)
-        self._commands.put(("track", replica, source))
+        self._commands.put(("track", replica, {**source, "max_blocks": max_blocks or self.max_blocks}))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mistral-ray-kv-feed", daemon=True)
             self._thread.start()
@@ -78,17 +78,25 @@ class KVFeed:
                 if not sub.poll(100):
                     continue
                 while sub.poll(0):
-                    topic, seq, payload = sub.recv_multipart()
-                    replica = self._topics.get(topic)
+                    frames = sub.recv_multipart()
+                    replica = self._topics.get(frames[0]) if len(frames) == 3 else None
                     index = self.indexes.get(replica) if replica else None
                     if index is None:
                         continue
-                    start = index.receive(int.from_bytes(seq, "big", signed=True), payload)
-                    if start is not None:
-                        self._replay(ctx, replica, index, connected[replica]["replay"], start)
+                    try:
+                        start = index.receive(int.from_bytes(frames[1], "big", signed=True), frames[2])
+                        if start is not None:
+                            self._replay(ctx, index, connected[replica].get("replay"), start)
+                    except Exception:  # one engine's bad batch: start its index over, keep the others
+                        logger.exception("KV events of %s: index reset", replica)
+                        index.reset()
+                        index.seq, index.restart = -1, True
         except Exception:  # the feed must never take the router down: routing falls back without it
             logger.exception("KV event feed stopped")
         finally:
+            self.indexes.clear()  # nothing stale to route on: the policy falls back
+            self._sources.clear()  # and the next report of each replica tracks it again, on a new thread
+            self._thread = None
             sub.close(0)
             ctx.term()
 
@@ -102,20 +110,39 @@ class KVFeed:
             if old is not None:
                 sub.disconnect(old["pub"])
                 self._topics.pop(old["topic"].encode(), None)
+            if command == "forget":
+                self.indexes.pop(replica, None)  # one a track still queued before the forget made
             if command == "track":
-                sub.connect(source["pub"])
+                try:
+                    sub.connect(source["pub"])
+                except zmq.ZMQError:
+                    logger.warning("KV events of %s: cannot connect to %s", replica, source.get("pub"))
+                    continue
                 connected[replica] = source
                 self._topics[source["topic"].encode()] = replica
-                index = self.indexes.get(replica)
-                if index is not None:
-                    self._replay(sub.context, replica, index, source.get("replay"), 0)
+                index = ReplicaIndex(source["max_blocks"])
+                self._replay(sub.context, index, source.get("replay"), 0, tracking=True)
+                self.indexes[replica] = index
 
-    def _replay(self, ctx, replica: str, index: ReplicaIndex, endpoint: Optional[str], start: int) -> None:
+    def _replay(self, ctx, index: ReplicaIndex, endpoint: Optional[str], start: int, tracking: bool = False,
+                attempts: int = 3) -> None:
         """Ask the engine's replay socket for every batch from `start`; reset the index if it cannot."""
+        for _ in range(attempts):
+            messages = self._fetch(ctx, endpoint, start)
+            if tracking and start == 0 and not messages and index.seq < 0:
+                return  # a fresh engine with nothing published yet: nothing was missed
+            start = index.replayed(messages, start)
+            if start is None:
+                return
+        index.reset()  # holes every time: start over rather than ask forever
+        index.seq, index.restart = -1, True
+
+    def _fetch(self, ctx, endpoint: Optional[str], start: int) -> list[tuple[int, bytes]]:
         messages: list[tuple[int, bytes]] = []
         if endpoint:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)  # a whole buffer's replay: no drops on our side
             try:
                 sock.connect(endpoint)
                 sock.send_multipart((b"", start.to_bytes(8, "big")))
@@ -129,6 +156,4 @@ class KVFeed:
                     messages.append((int.from_bytes(frames[2], "big", signed=True), frames[3]))
             finally:
                 sock.close(0)
-        if start == 0 and not messages and index.seq < 0:
-            return  # a fresh engine with nothing published yet: nothing was missed
-        index.replayed(messages, start)
+        return messages

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Optional
 
 from mistral_ray.routing.hint import RouteHint
-from mistral_ray.routing.kv_cache import block_hashes, none_hash, reusable_tokens
+from mistral_ray.routing.kv_cache import NONE_HASH_SEED, block_hashes, none_hash, reusable_tokens
 from mistral_ray.routing.kv_feed import KVFeed
 from mistral_ray.routing.policies import Decision, Load, PrefixAffinity, PrefixIndex
 
@@ -40,7 +40,7 @@ class KVAware(PrefixAffinity):
                 continue
             groups = sorted(index.groups.items())
             size = groups[0][1].block_size
-            seed = self.feed.source(load.replica).get("seed")
+            seed = self.feed.source(load.replica).get("seed") or NONE_HASH_SEED  # none: vLLM's own default
             chain = hashes.get((size, seed))
             if chain is None:
                 chain = hashes[(size, seed)] = block_hashes(tokens, size, none_hash(seed),

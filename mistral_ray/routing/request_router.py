@@ -147,6 +147,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
 
     def _forget(self, replica: str) -> None:
         self.policy.forget(replica)  # kv_aware's forgets the replica's KV index too
+        self.metrics.kv_forget(replica)
         self.average.forget(replica)
         self.in_flight.pop(replica, None)
         self.recent.pop(replica, None)

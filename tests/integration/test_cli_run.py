@@ -93,11 +93,14 @@ def test_stop_with_an_answer_in_flight_leaves_nothing_every_time(tmp_path, how):
     for attempt in range(3):
         proc = _start(config, env)
         try:
+            said = []
             for ready in proc.stdout:
                 if ready.startswith("mistral-ray ready:"):
                     break
+                said.append(ready)
             else:
-                pytest.fail(f"start {attempt + 1} ended without a ready line (rc {proc.wait()})")
+                pytest.fail(f"start {attempt + 1} ended without a ready line (rc {proc.wait()}); its last lines:\n"
+                            + "".join(said[-15:]))
             url = f"http://127.0.0.1:{port}"
             out, first = {}, threading.Event()
             client = threading.Thread(target=_stream, args=(url, out, first))

@@ -36,7 +36,16 @@ def kv_app(app):
         r = httpx.post(f"{url}/v1/completions", json={"model": service.model.name, "prompt": f"warm {len(seen)}",
                                                        "max_tokens": 1}, timeout=60)
         seen.add(r.headers.get(REPLICA_HEADER))
-    time.sleep(5)
+    # The router loads its tokenizer in a thread and subscribes to each replica's events as their reports
+    # come in: until both are there it routes as prefix_affinity. Wait for its first prediction.
+    deadline = time.monotonic() + 90
+    while not _series(app, "ray_mistral_ray_kv_predictions_total", service.model.name):
+        assert time.monotonic() < deadline, "no kv_aware prediction within 90 s"
+        httpx.post(f"{url}/v1/chat/completions", json={"model": service.model.name, "max_tokens": 1,
+                                                        "messages": [{"role": "user", "content": "warm " * 40}]},
+                   timeout=60)
+        time.sleep(1)
+    time.sleep(2)
     try:
         yield url, service.model.name
     finally:

@@ -86,9 +86,12 @@ def test_sliding_window_survives_evicted_prefix():
     assert reusable_blocks({0, 5}.__contains__, 6, Group(32, 64)) == 1  # the leading run still counts
 
 
-def test_several_groups_take_the_least():
+def test_several_groups_cap_each_other_as_vllms_coordinator():
     hashes = [bytes([i]) for i in range(6)]
     full = {hashes[i] for i in (0, 1)}.__contains__
     window = {hashes[i] for i in (2, 3, 4, 5)}.__contains__
-    got = reusable_tokens(6 * 16 + 1, hashes, 16, [(Group(16), full), (Group(16, 32), window)])
-    assert got == 2 * 16
+    # full attention reuses 2 blocks; capped there, the window group's blocks 0..1 are not cached: 0
+    assert reusable_tokens(6 * 16 + 1, hashes, 16, [(Group(16), full), (Group(16, 32), window)]) == 0
+    both = {hashes[i] for i in range(6)}.__contains__
+    assert reusable_tokens(6 * 16 + 1, hashes, 16, [(Group(16, 32), window), (Group(16), both)]) == 6 * 16
+    assert reusable_tokens(6 * 16 + 1, hashes, 16, [(Group(16, 32), both), (Group(16), full)]) == 2 * 16

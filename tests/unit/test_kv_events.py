@@ -58,6 +58,23 @@ def test_a_gap_asks_for_a_replay_and_a_lost_history_resets():
     assert index.resets == 1 and index.size() == 2 and index.seq == 6
 
 
+def test_a_hash_held_twice_survives_one_removal():
+    from vllm.distributed.kv_events import BlockRemoved
+
+    index = ReplicaIndex(max_blocks=10)
+    index.receive(0, _batch(_stored([b"same"]), _stored([b"same"])))  # two requests computed it at once
+    index.receive(1, _batch(BlockRemoved(block_hashes=[b"same"], medium="GPU", group_idx=0)))
+    assert index.cached(0)(b"same")
+    index.receive(2, _batch(BlockRemoved(block_hashes=[b"same"], medium="GPU", group_idx=0)))
+    assert not index.cached(0)(b"same")
+
+
+def test_a_replay_with_a_hole_asks_again():
+    index = ReplicaIndex(max_blocks=10)
+    again = index.replayed([(0, _batch(_stored([b"0"]))), (2, _batch(_stored([b"2"])))], 0)
+    assert again == 1 and index.seq == 0 and index.cached(0)(b"0") and not index.cached(0)(b"2")
+
+
 def test_bounded():
     index = ReplicaIndex(max_blocks=3)
     index.receive(0, _batch(_stored([b"1", b"2", b"3"])))

@@ -1,5 +1,7 @@
 """The router's prompt tokens, with the tiny model's own tokenizer; what it cannot tell exactly is None."""
 
+import time
+
 import pytest
 
 from mistral_ray import tiny_model
@@ -13,7 +15,9 @@ SOURCE = PROJECT_ROOT / ".state" / "models" / "tiny-mistral"
 @pytest.fixture(scope="module")
 def tokens():
     tiny_model.ensure(str(SOURCE))
-    return PromptTokens(str(SOURCE))
+    t = PromptTokens(str(SOURCE))
+    t._load()  # what the loading thread does, here at once
+    return t
 
 
 def test_chat_is_the_template_without_added_specials(tokens):
@@ -46,10 +50,32 @@ def test_what_it_cannot_tell_is_none(tokens, route, payload):
     assert tokens.of(route, payload) is None
 
 
-def test_a_missing_tokenizer_is_retried_later(tmp_path):
+def test_a_missing_tokenizer_is_retried_later_never_waited_for(tmp_path):
     missing = PromptTokens(str(tmp_path / "nowhere"), retry_s=3600)
-    assert missing.of("completions", {"prompt": "x"}) is None
-    assert missing._next_try > 0
+    assert missing.of("completions", {"prompt": "x"}) is None  # the load runs in its thread
+    deadline = time.monotonic() + 30
+    while missing._loading and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert missing._next_try > time.monotonic() and missing.of("completions", {"prompt": "x"}) is None
+
+
+def test_models_vllm_tokenizes_otherwise_get_no_tokens(tmp_path):
+    (tmp_path / "tekken.json").write_text("{}")
+    assert not PromptTokens(str(tmp_path)).exact()
+    assert not PromptTokens(str(SOURCE), tokenizer_mode="mistral").exact()
+    assert not PromptTokens(str(SOURCE), tokenizer_mode="slow").exact()
+    assert not PromptTokens(str(SOURCE), chat_template="/not/on/this/node.jinja").exact()
+    assert PromptTokens(str(SOURCE)).exact()
+
+
+def test_developer_is_system_and_request_options_are_honoured(tokens):
+    dev = tokens.of("chat", {"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "x"}]})
+    sys_ = tokens.of("chat", {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}]})
+    assert dev == sys_
+    assert tokens.of("completions", {"prompt": "x", "truncate_prompt_tokens": 3}) is None
+    assert tokens.of("completions", {"prompt": "x", "prompt_logprobs": 1}) is None
+    with_specials = tokens.of("completions", {"prompt": "hello"})
+    assert tokens.of("completions", {"prompt": "hello", "add_special_tokens": False}) == with_specials[1:]
 
 
 def test_hint_carries_tokens_and_survives_a_failing_tokenizer(tokens):
