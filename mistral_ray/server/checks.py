@@ -67,6 +67,20 @@ def check_shape(route: str, payload: dict[str, Any]) -> None:
                           param="prompt")
 
 
+# Fields of vLLM's request models for disaggregated serving and KV connectors, which this server does not run:
+# `kv_transfer_params.prompt_token_ids` replaces the prompt the messages render to, and `vllm_xargs` reaches
+# the engine's per-request KV controls (`kv_cache_report_mode` re-publishes reused blocks as events).
+NOT_SERVED_FIELDS = {"kv_transfer_params": "disaggregated serving's transfer parameters",
+                     "vllm_xargs": "vLLM's per-request extension arguments (KV connectors, plugins)"}
+
+
+def check_fields(payload: dict[str, Any]) -> None:
+    """Fields of a generation request this server does not serve: refused, not passed on."""
+    for name, what in NOT_SERVED_FIELDS.items():
+        if payload.get(name) is not None:
+            raise Refused(400, f"`{name}` ({what}) is not served here", param=name, code="unsupported_field")
+
+
 def parse(body: bytes) -> dict[str, Any]:
     """The request's JSON object, or the 400 that explains why it is not one."""
     try:
@@ -158,6 +172,7 @@ class Checks:
         check_shape(route.label, payload)
         if not route.generation:
             return Admitted(route, key_id, body)
+        check_fields(payload)
         request = self.generation(route.label, payload)
         check_sizes(request, self.limits)
         cfg = self.cfg

@@ -237,6 +237,10 @@ def test_kv_aware_prediction_is_compared_with_the_engines_count(monkeypatch, tru
     (b'{"prompt": "x", "n": 9}', 400, "n_too_large", "n"),
     (b'{"prompt": "x", "vllm_error": true}', 400, None, "temperature"),
     (b'{"prompt": "x", "logprobs": {}}', 400, None, "logprobs"),  # vLLM's own validator (not pydantic's)
+    # disaggregated serving's fields: they would replace the prompt or reach the engine's KV controls
+    (b'{"prompt": "x", "kv_transfer_params": {"prompt_token_ids": [1, 2]}}', 400, "unsupported_field",
+     "kv_transfer_params"),
+    (b'{"prompt": "x", "vllm_xargs": {"kv_cache_report_mode": "full"}}', 400, "unsupported_field", "vllm_xargs"),
 ])
 def test_refusals_are_openai_errors(body, status, code, param):
     s = asyncio.run(server())
