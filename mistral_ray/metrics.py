@@ -96,6 +96,12 @@ class RequestMetrics:
             "kv_aware: |engine's cached prompt tokens - router's prediction| per request (0: exact).",
             ("route", "model"), boundaries=KV_ERROR_BUCKETS,
         )
+        self.prompts_forwarded = _declare(
+            enabled, metrics.Counter, "mistral_ray_prompt_tokens_forwarded_total",
+            "kv_aware: chats whose router sent their prompt token ids ahead, by whether they were there when the "
+            "request came (used: the engine did not tokenize the messages; missed: it did).",
+            ("route", "model", "outcome"),
+        )
         self._in_flight: dict[str, int] = {}
 
     def configured(self, application: str, deployment: str, min_replicas: int, max_replicas: int) -> None:
@@ -136,6 +142,9 @@ class RequestMetrics:
         self.kv_predictions.inc(tags={"route": route, "model": self.model, "outcome": outcome})
         self.kv_prediction_error.observe(abs(cached - predicted), tags={"route": route, "model": self.model})
 
+    def prompt_forwarded(self, route: str, used: bool) -> None:
+        self.prompts_forwarded.inc(tags={"route": route, "model": self.model, "outcome": "used" if used else "missed"})
+
     def count_tokens(self, route: str, prompt: int, completion: int) -> None:
         self.tokens.inc(prompt, tags={"route": route, "model": self.model, "direction": "in"})
         self.tokens.inc(completion, tags={"route": route, "model": self.model, "direction": "out"})
@@ -168,10 +177,22 @@ class RoutingMetrics:
             "kv_aware: times a replica's index started over (events lost beyond the engine's replay buffer, "
             "or more blocks than the engine has).", ("application", "policy"),
         )
+        self.engine_loads = _declare(
+            enabled, metrics.Counter, "mistral_ray_engine_load_reports_total",
+            "kv_aware: load snapshots the router received from the replicas (their engines' step counts).",
+            ("application", "policy"),
+        )
         self._kv_seen: dict[str, tuple[float, int, int]] = {}  # replica -> (last update, events, resets counted)
+        self._loads_counted = 0
 
     def decided(self, reason: str) -> None:
         self.decisions.inc(tags={**self.tags, "decision": reason})
+
+    def engine_load_reports(self, total: int) -> None:
+        """kv_aware: the feed's count of load snapshots so far (counted by its thread, added here)."""
+        if total > self._loads_counted:
+            self.engine_loads.inc(total - self._loads_counted, tags=self.tags)
+        self._loads_counted = total
 
     def kv_forget(self, replica: str) -> None:
         if self._kv_seen.pop(replica, None) is not None:

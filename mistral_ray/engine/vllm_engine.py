@@ -9,6 +9,7 @@ answers, where vLLM would silently shorten the completion.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
@@ -32,7 +33,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from mistral_ray.engine.requests import read
-from mistral_ray.server.generation import Generation
+from mistral_ray.engine.step_stats import Listener, StepStats
+from mistral_ray.server.generation import PROMPT_IDS_SCOPE, Generation
 
 logger = logging.getLogger("ray.serve")
 # Python's own bug exceptions: raised by vLLM's code, never by a client's input. vLLM answers TypeError with a
@@ -130,6 +132,23 @@ def _reject_overlong(renderer: Any, model_config: Any, max_prompt_tokens: Option
         checked(render)
 
 
+def _forwarded_prompt_ids(serving: Any) -> None:
+    """Make `serving.create_chat_completion` run the prompt token ids the gate put in the request's scope
+    (kv_aware: the ingress router tokenized the chat as this engine would, `server/link.py`) instead of
+    rendering and tokenizing the messages again: vLLM's own reuse path for disaggregated serving
+    (`kv_transfer_params.prompt_token_ids`, which the gate refuses from clients). vLLM still renders the
+    messages when the request echoes them or has non-text parts."""
+    inner = serving.create_chat_completion
+
+    async def create(request, raw_request=None, *args, **kwargs):
+        ids = raw_request.scope.get(PROMPT_IDS_SCOPE) if raw_request is not None else None
+        if ids:
+            request.kv_transfer_params = {"prompt_token_ids": ids}
+        return await inner(request, raw_request, *args, **kwargs)
+
+    serving.create_chat_completion = create
+
+
 class VLLMEngine:
     """A started engine with its serving state. Built by `start`; the replica owns exactly one."""
 
@@ -141,13 +160,19 @@ class VLLMEngine:
                      "anthropic_serving_messages", "serving_tokenization"):
             if getattr(state, name, None) is not None:
                 _faults_are_500(getattr(state, name))
+        if getattr(state, "openai_serving_chat", None) is not None:
+            _forwarded_prompt_ids(state.openai_serving_chat)
 
     @classmethod
     async def start(cls, vllm_args: dict[str, Any], ray_metrics: bool = False,
-                    max_prompt_tokens: Optional[int] = None) -> "VLLMEngine":
+                    max_prompt_tokens: Optional[int] = None, on_step: Optional[Listener] = None) -> "VLLMEngine":
+        """`on_step`: called with the scheduler's running and waiting requests and KV use at every step."""
         args = server_args(vllm_args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        loggers: list = [RayPrometheusStatLogger] if ray_metrics else []
+        if on_step is not None:
+            loggers.append(functools.partial(StepStats, listener=on_step))
         llm = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
@@ -155,7 +180,8 @@ class VLLMEngine:
             disable_log_stats=False,
             # Ray's exporter instead of a per-process /metrics endpoint: Ray tags every sample with the
             # replica id, and each node's metrics port serves them all.
-            stat_loggers=[RayPrometheusStatLogger] if ray_metrics else None,
+            # (Without it vLLM adds its own Prometheus logger.)
+            stat_loggers=loggers or None,
         )
         state = State()
         tasks = tuple(await llm.get_supported_tasks())

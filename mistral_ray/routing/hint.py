@@ -25,6 +25,7 @@ class RouteHint:
     follow_up: bool = True  # False for a chat's first request: nothing of its own can be cached yet
     picker: Optional[str] = None  # the ingress router that picks (its picks count as load until reported)
     tokens: tuple[int, ...] = ()  # kv_aware: the prompt's token ids as the engine will see them
+    sendable: bool = False  # kv_aware: a chat whose `tokens` may replace its messages at the engine
     # kv_aware fills this while ranking: replica -> prompt tokens its engine would reuse (the ingress router
     # tells the chosen replica, which compares it with the engine's own count).
     predicted: dict = field(default_factory=dict, compare=False, hash=False)
@@ -87,6 +88,23 @@ def parse_object(body: bytes) -> Optional[dict[str, Any]]:
     return payload if isinstance(payload, dict) else None
 
 
+# The chat request fields vLLM's renderer does not read (sampling, output, accounting): a chat with any other
+# field is not sent ahead, since the router may not render it as vLLM does (tools, documents, a template or
+# its kwargs, reasoning_effort, response_format, media, truncation, echo, a cache salt, ...).
+SENDABLE_FIELDS = frozenset({
+    "model", "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+    "max_tokens", "max_completion_tokens", "min_tokens", "n", "stream", "stream_options", "stop", "stop_token_ids",
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "length_penalty", "logit_bias", "logprobs", "top_logprobs", "ignore_eos", "user",
+    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
+    "priority", "store", "metadata", "service_tier", "return_token_ids"})
+
+
+def sendable(payload: dict[str, Any]) -> bool:
+    """Whether a chat's ids may replace its messages at the engine: no field the renderer reads but ours."""
+    return all(value is None or key in SENDABLE_FIELDS for key, value in payload.items())
+
+
 Tokenize = Callable[[str, dict], Optional[tuple[int, ...]]]
 
 
@@ -117,7 +135,8 @@ def _hint(body: bytes, session: Optional[str], block_chars: int, max_blocks: int
             tokens = None
     return RouteHint(prefix_blocks(text, block_chars, max_blocks),
                      session or (user if isinstance(user, str) else None), len(text),
-                     is_follow_up(route, payload), picker, tokens or ())
+                     is_follow_up(route, payload), picker, tokens or (),
+                     bool(tokens) and route == "chat" and sendable(payload))
 
 
 def route_of(payload: Optional[dict[str, Any]]) -> Optional[str]:

@@ -22,12 +22,15 @@ from mistral_ray.config import ServiceConfig
 from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.metrics import RouteLatency
 from mistral_ray.routing.hint import hint_from_body
+from mistral_ray.routing.policies import KV_EVENTS
 
 logger = logging.getLogger("ray.serve")
 # HAProxy strips client-sent headers with Serve's router prefix and applies the ones we return.
 PICKER_HEADER = "x-serve-router-mistral-ray-picker"
 # kv_aware: the prompt tokens the router predicted the chosen replica's engine would reuse.
 PREDICTED_HEADER = "x-serve-router-mistral-ray-predicted-cached"
+# kv_aware: the key under which the router staged a chat's prompt token ids at the chosen replica (link.py).
+PROMPT_HEADER = "x-serve-router-mistral-ray-prompt"
 TRUNCATED_HEADER = b"x-body-truncated"
 
 
@@ -74,12 +77,14 @@ class IngressRouter:
         self.picker = serve.get_replica_context().replica_id.unique_id
         self.metrics = RouteLatency(serve.get_replica_context().app_name, self.routing.policy,
                                       enabled=cfg.observability.request_metrics)
-        self.tokens = None
+        self.tokens = self.prompts = None
         if self.routing.policy == "kv_aware":
+            from mistral_ray.routing.prompts import PromptSender
             from mistral_ray.routing.tokens import PromptTokens
 
             self.tokens = PromptTokens(cfg.model.resolved_source(), cfg.engine.chat_template,
                                        tokenizer_mode=cfg.engine.tokenizer_mode, revision=cfg.model.revision)
+            self.prompts = PromptSender()
         llm._init()  # start the handle's request router now, not on the first request
 
     async def __serve_build_asgi_app__(self):
@@ -123,6 +128,11 @@ class IngressRouter:
         predicted = hint.predicted.get(replica.replica_id.unique_id)
         if predicted is not None:
             headers[PREDICTED_HEADER] = str(predicted)
+        if hint.sendable and self.prompts is not None:  # the engine need not tokenize the chat again
+            endpoint = ((replica.routing_stats or {}).get(KV_EVENTS) or {}).get("prompts")
+            key = self.prompts.send(endpoint, hint.tokens) if endpoint else None
+            if key is not None:
+                headers[PROMPT_HEADER] = key
         await _answer(send, 200, {"replica_id": replica.replica_id.to_full_id_str(), "host": host, "port": port,
                                   "request_headers": headers})
         self.metrics.answered(time.perf_counter() - start)

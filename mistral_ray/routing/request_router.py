@@ -11,7 +11,9 @@ this class ranks the candidates with the policy from `policies.py`. It runs in t
 
 Load is what each replica reports (`LLMServer.record_routing_stats`, every `stats_period_s`: queued + running
 requests, sliding-window-aware KV use, how many requests it received from each picker) plus what was sent its
-way since, which the report cannot show yet. (Not Serve's queue-length cache: probes and rejections overwrite
+way since, which the report cannot show yet. Under kv_aware the report is the replica's own snapshot instead,
+pushed at every engine step (`kv_feed.EngineLoad`: the engine's running and waiting sequences and KV blocks in
+use, `server/link.py`). (Not Serve's queue-length cache: probes and rejections overwrite
 it, and after a replica loss and an overload burst it over-counted one replica for good: pow2 split 107/53.)
 The overload check of the affinity policies compares these loads with each fall spread over
 `load_average_s` (`policies.LoadAverage`): a replica whose batch just ended is not idle for long.
@@ -75,10 +77,16 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             source = stats[KV_EVENTS]
             self.feed.track(rid, source, source.get("blocks"))
             self.metrics.kv_index(rid, self.feed.indexes.get(rid))
-        reported = int(stats.get(WAITING, 0) + stats.get(RUNNING, 0))
+            self.metrics.engine_load_reports(self.feed.load_reports)
+        engine = self.feed.load(rid) if self.feed is not None else None
+        if engine is not None:  # kv_aware: the engine's own counts, as of its last step (server/link.py)
+            reported, arrivals, kv = engine.ongoing, engine.arrivals, engine.kv_usage
+        else:  # Serve's stats path: the gate's counts, up to a stats period old
+            reported, arrivals = int(stats.get(WAITING, 0) + stats.get(RUNNING, 0)), stats.get(ARRIVALS) or {}
+            kv = float(stats.get(KV_USAGE, 0.0))
         unseen = 0
         if picker is not None:  # picked by us, not yet arrived when the replica last reported
-            arrived = (stats.get(ARRIVALS) or {}).get(picker, 0)
+            arrived = arrivals.get(picker, 0)
             picks = self.picks.setdefault(picker, Counter())
             # More arrived than we picked: HAProxy sent our picks for a lost replica here. Count from there,
             # or this replica's next picks would hide behind the surplus (seen: 116/44 after a replica loss).
@@ -86,7 +94,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             unseen = min(picks[rid] - arrived, self._recent(rid))
         ongoing = max(reported + unseen, self.in_flight.get(rid, 0))
         average = self.average.update(rid, ongoing, time.monotonic())
-        return Load(rid, ongoing, float(stats.get(KV_USAGE, 0.0)), average)
+        return Load(rid, ongoing, kv, average)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None

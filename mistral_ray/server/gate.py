@@ -19,15 +19,17 @@ import time
 from typing import Awaitable, Callable, Optional
 
 from mistral_ray.metrics import RequestMetrics
-from mistral_ray.routing.ingress import PICKER_HEADER, PREDICTED_HEADER
+from mistral_ray.routing.ingress import PICKER_HEADER, PREDICTED_HEADER, PROMPT_HEADER
 from mistral_ray.server.checks import Admitted, Checks
 from mistral_ray.server.errors import REPLICA_HEADER, REQUEST_ID_HEADER, Refused, normalized, sse_error
+from mistral_ray.server.generation import PROMPT_IDS_SCOPE
 from mistral_ray.server.load import Inflight
 from mistral_ray.server.routes import Route, route_of
 
 logger = logging.getLogger("ray.serve")
 _PICKER = PICKER_HEADER.encode()
 _PREDICTED = PREDICTED_HEADER.encode()
+_PROMPT = PROMPT_HEADER.encode()
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 _NOT_SERVED = {404: "no such route on this server (see the README's route table)",
                405: "this route does not take that method"}
@@ -73,7 +75,8 @@ def _replay(body: bytes, receive):
 class Gate:
     def __init__(self, app, checks: Checks, load: Inflight, metrics: RequestMetrics, replica_id: str,
                  ready: Callable[[], Awaitable[None]], request_timeout_s: float, ready_timeout_s: float,
-                 trust_request_id: bool = False):
+                 trust_request_id: bool = False,
+                 prompt_ids: Optional[Callable[[bytes], Awaitable[Optional[list]]]] = None):
         self.app, self.checks, self.load, self.metrics = app, checks, load, metrics
         self.replica_id, self.ready = replica_id, ready
         self.header = (REPLICA_HEADER.encode(), replica_id.encode())
@@ -81,6 +84,7 @@ class Gate:
         # HAProxy sets the request id on every request (a client's own is overwritten); without HAProxy
         # a client could send one, so it is not read.
         self.trust_request_id = trust_request_id
+        self.prompt_ids = prompt_ids  # kv_aware: the ids a router staged for a chat, by its key (link.py)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -127,6 +131,8 @@ class Gate:
             request = await self.checks.admit(route, scope["method"], headers, receive, key_id,
                                               request_id.decode("latin-1") if request_id else None)
             predicted = headers.get(_PREDICTED) if self.trust_request_id else None  # set by our router only
+            if route.label == "chat":
+                await self._take_prompt_ids(scope, headers)
             status = await self._forward(scope, receive, send, request, start,
                                          int(predicted) if predicted and predicted.isdigit() else None)
         except Refused as refusal:
@@ -152,6 +158,17 @@ class Gate:
                     # The engine refused it (prompt beyond the limit or the context): no tokens were made,
                     # but it was a request (it cost a render), so only its tokens come back.
                     self.checks.quota.refund(key_id, (0.0, request.charge[1]))
+
+    async def _take_prompt_ids(self, scope, headers: dict[bytes, bytes]) -> None:
+        """The chat's token ids as the router computed them, for the engine to run (behind HAProxy only:
+        the header is ours there)."""
+        key = headers.get(_PROMPT) if self.trust_request_id and self.prompt_ids is not None else None
+        if key is None:
+            return
+        ids = await self.prompt_ids(key)
+        self.metrics.prompt_forwarded("chat", ids is not None)
+        if ids:
+            scope[PROMPT_IDS_SCOPE] = ids
 
     async def _forward(self, scope, receive, send, request: Admitted, start: float,
                        predicted: Optional[int] = None) -> int:

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+# Where the gate puts a chat's prompt token ids that an ingress router computed (kv_aware) in the request's
+# ASGI scope, for the engine to run instead of tokenizing the messages again (server/link.py).
+PROMPT_IDS_SCOPE = "mistral_ray.prompt_token_ids"
+
 
 @dataclass(frozen=True)
 class Generation:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from itertools import chain, repeat
-from typing import Optional
+from typing import Callable, Optional
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
 from mistral_ray.routing.policies import ARRIVALS, kv_usage
@@ -42,6 +42,7 @@ class Inflight:
         self.max_ongoing = max_ongoing
         self.sequences: set[Sequence] = set()
         self.arrivals: OrderedDict[str, int] = OrderedDict()
+        self.on_change: Optional[Callable[[], None]] = None  # kv_aware's router link publishes each change
 
     def arrived(self, picker: Optional[str]) -> None:
         if not picker or len(picker) > _PICKER_CHARS:
@@ -49,6 +50,7 @@ class Inflight:
         self.arrivals[picker] = self.arrivals.pop(picker, 0) + 1
         if len(self.arrivals) > MAX_PICKERS:
             self.arrivals.popitem(last=False)  # the router seen least recently (one that left)
+        self._changed()
 
     def reserve(self, prompt_tokens: int, width: int = 1) -> Optional[Sequence]:
         """A slot for one request, or None when the replica holds max_ongoing_requests already. Nothing
@@ -57,10 +59,20 @@ class Inflight:
             return None
         seq = Sequence(prompt_tokens // max(1, width), width)
         self.sequences.add(seq)
+        self._changed()
         return seq
 
     def remove(self, seq: Sequence) -> None:
         self.sequences.discard(seq)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def width(self) -> int:
+        """Engine sequences the admitted requests make (n x prompts each)."""
+        return sum(s.width for s in self.sequences)
 
     def stats(self) -> dict[str, float]:
         """Queued + running requests and KV use: what the autoscaling policy averages."""
@@ -74,3 +86,14 @@ class Inflight:
 
     def routing_stats(self) -> dict:
         return {**self.stats(), ARRIVALS: dict(self.arrivals)}
+
+
+def engine_load(running: int, waiting: int, width: int) -> tuple[int, int, int]:
+    """(running, waiting, pending) sequences of a replica: the engine's counts as of its last step, bounded by
+    the sequences the gate admitted (`width`: every sequence the engine runs came through it, so more is a
+    count from before a request left, e.g. one aborted while the engine had no step to report it), and
+    pending, the admitted ones the engine has not counted yet (being rendered, or queued before its next
+    step)."""
+    running = min(running, width)
+    waiting = min(waiting, width - running)
+    return running, waiting, width - running - waiting

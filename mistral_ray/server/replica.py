@@ -9,6 +9,7 @@ vllm; the default factory is the only path that imports it.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
@@ -23,6 +24,7 @@ from mistral_ray.routing.policies import KV_EVENTS
 from mistral_ray.server.auth import ApiKeys
 from mistral_ray.server.checks import Checks
 from mistral_ray.server.gate import Gate
+from mistral_ray.server.link import RouterLink
 from mistral_ray.server.generation import Generation
 from mistral_ray.server.load import Inflight
 from mistral_ray.server.quota import Quota
@@ -36,7 +38,7 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-async def start_vllm(cfg: ServiceConfig) -> Engine:
+async def start_vllm(cfg: ServiceConfig, on_step: Optional[Callable[[int, int, float], None]] = None) -> Engine:
     from mistral_ray import tiny_model
     from mistral_ray.engine.vllm_engine import VLLMEngine  # the one place vllm gets imported
 
@@ -48,12 +50,17 @@ async def start_vllm(cfg: ServiceConfig) -> Engine:
     if "kv_events_config" in args:
         # Each replica's events under its own topic; bound on this node's address (the one Ray's own listeners
         # use), where the routers on the other nodes reach it.
-        import ray
-
         args["kv_events_config"] = {**args["kv_events_config"], "topic": replica_id()}
-        os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()
+        os.environ["VLLM_HOST_IP"] = node_address()
     return await VLLMEngine.start(args, ray_metrics=cfg.observability.engine_metrics,
-                                  max_prompt_tokens=cfg.router.limits.max_prompt_tokens)
+                                  max_prompt_tokens=cfg.router.limits.max_prompt_tokens, on_step=on_step)
+
+
+def node_address() -> str:
+    """This node's address, where Ray's own listeners are (loopback for a loopback deployment)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def haproxy_serves() -> bool:
@@ -80,12 +87,17 @@ class LLMServer:
                        engine_factory: Optional[Callable[[ServiceConfig], Awaitable[Engine]]] = None):
         bind_replica_grpc_to_node()
         self.cfg = cfg
-        self.engine = await (engine_factory or start_vllm)(cfg)
         self.replica_id = replica_id()
+        # kv_aware: the engine's step counts out to the routers, their prompt token ids in (link.py)
+        self.link = RouterLink(node_address(), self.replica_id) if cfg.router.routing.policy == "kv_aware" else None
+        factory = engine_factory or functools.partial(start_vllm, on_step=self.link and self.link.engine_step)
+        self.engine = await factory(cfg)
         info = self.engine.info()
         self.kv_events = info.get("kv_events")
         kv_tokens = (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0)
         self.load = Inflight(info.get("sliding_window"), kv_tokens, cfg.scaling.max_ongoing_requests)
+        if self.link is not None:
+            self.link.start(self.load)
         keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
         obs = cfg.observability
         self.metrics = RequestMetrics(cfg.model.name, enabled=obs.request_metrics, key_labels=obs.key_labels,
@@ -106,13 +118,14 @@ class LLMServer:
     def gate(self) -> Gate:
         r = self.cfg.router
         return Gate(self.engine.build_app(), self.checks, self.load, self.metrics, self.replica_id,
-                    self.engine.check_health, r.request_timeout_s, r.ready_timeout_s, haproxy_serves())
+                    self.engine.check_health, r.request_timeout_s, r.ready_timeout_s, haproxy_serves(),
+                    prompt_ids=self.link.prompt_ids if self.link is not None else None)
 
     def record_routing_stats(self) -> dict:
         """Serve's controller reads this every `routing.stats_period_s` and passes it to every router."""
         stats = self.load.routing_stats()
         if self.kv_events:
-            stats[KV_EVENTS] = self.kv_events
+            stats[KV_EVENTS] = {**self.kv_events, **(self.link.endpoints if self.link is not None else {})}
         return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -130,6 +143,9 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        link = getattr(self, "link", None)
+        if link is not None:
+            link.close()
 
 
 def deployment(cfg: ServiceConfig):

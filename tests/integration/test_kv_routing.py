@@ -91,3 +91,30 @@ def test_predicted_cached_tokens_match_the_engines(app, kv_app):
     assert total >= 0.9 * len(replies), outcomes  # nearly every request predicted (the first ones: no index yet)
     assert outcomes["exact"] >= 0.95 * total, outcomes
     assert decisions["kv"] > 0, decisions
+
+
+def test_routers_read_the_engines_load_and_send_chats_ids_ahead(app, kv_app):
+    """The routers rank on the engines' own step counts (their load snapshots arrive), and a plain chat's
+    token ids reach the engine ahead of it, with the answer the engine gives when it tokenizes itself."""
+    url, model = kv_app
+    before = _series(app, "ray_mistral_ray_prompt_tokens_forwarded_total", model)
+    chat = {"model": model, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "system", "content": "answer in one line"}, {"role": "user", "content": ""}]}
+    pairs = []
+    for i in range(6):
+        body = {**chat, "messages": [chat["messages"][0], {"role": "user", "content": f"question {i}: " + "why " * 30}]}
+        # a cache_salt is a field the router does not render: that chat is tokenized by the engine
+        own = httpx.post(f"{url}/v1/chat/completions", json={**body, "cache_salt": f"s{i}"}, timeout=60).json()
+        sent = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        pairs.append((own, sent))
+    time.sleep(4)  # two metrics report intervals
+    after = _series(app, "ray_mistral_ray_prompt_tokens_forwarded_total", model)
+    used = after["used"] - before["used"]
+    reports = sum(_series(app, "ray_mistral_ray_engine_load_reports_total", "").values())
+    print(f"\nids sent ahead and used: {used:.0f} of 6 plain chats (missed {after['missed'] - before['missed']:.0f}); "
+          f"engine load snapshots received by the routers: {reports:.0f}")
+    for own, sent in pairs:
+        assert sent["usage"]["prompt_tokens"] == own["usage"]["prompt_tokens"]
+        assert sent["choices"][0]["message"]["content"] == own["choices"][0]["message"]["content"]
+    assert used >= 5, (before, after)  # the first chat to a replica may find the router's pipe not up yet
+    assert reports > 0

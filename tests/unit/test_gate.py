@@ -57,6 +57,12 @@ def vllm_like_app(started: list, cancelled: list) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):  # what vLLM's chat serving is handed: the ids the gate put in its scope
+        from mistral_ray.server.generation import PROMPT_IDS_SCOPE
+
+        return {"prompt_ids": request.scope.get(PROMPT_IDS_SCOPE), "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": "tiny-mistral", "object": "model"}]}
@@ -225,6 +231,29 @@ def test_kv_aware_prediction_is_compared_with_the_engines_count(monkeypatch, tru
     kv = [c for c in s.metrics.calls if c[0] == "kv"]
     assert kv == ([("kv", "completions", 32, 32), ("kv", "completions", 0, 32), ("kv", "completions", 64, 32)]
                   if trusted else [])
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_a_routers_prompt_ids_reach_the_engine_only_from_behind_haproxy(monkeypatch, trusted):
+    from mistral_ray.routing.ingress import PROMPT_HEADER
+    from mistral_ray.server import replica
+
+    monkeypatch.setattr(replica, "haproxy_serves", lambda: trusted)  # HAProxy strips clients' router headers
+    s = asyncio.run(server())
+    staged = {b"k1": [7, 8, 9]}
+    async def take(key):
+        return staged.pop(key, None)
+
+    s.link = SimpleNamespace(prompt_ids=take)
+    forwarded = []
+    s.metrics.prompt_forwarded = lambda route, used: forwarded.append((route, used))
+    chat = {"model": "tiny-mistral", "messages": [{"role": "user", "content": "hi"}]}
+    first = call(s, "POST", "/v1/chat/completions", json=chat, headers={PROMPT_HEADER: "k1"}).json()
+    second = call(s, "POST", "/v1/chat/completions", json=chat, headers={PROMPT_HEADER: "k1"}).json()
+    plain = call(s, "POST", "/v1/chat/completions", json=chat).json()
+    assert first["prompt_ids"] == ([7, 8, 9] if trusted else None)
+    assert second["prompt_ids"] is None and plain["prompt_ids"] is None  # taken once; none asked
+    assert forwarded == ([("chat", True), ("chat", False)] if trusted else [])
 
 
 @pytest.mark.parametrize("body, status, code, param", [
