@@ -118,3 +118,26 @@ def test_routers_read_the_engines_load_and_send_chats_ids_ahead(app, kv_app):
         assert sent["choices"][0]["message"]["content"] == own["choices"][0]["message"]["content"]
     assert used >= 5, (before, after)  # the first chat to a replica may find the router's pipe not up yet
     assert reports > 0
+
+
+def test_window_hits_at_block_size_32_give_the_reference_tokens(app, kv_app):
+    """The sliding-window rule at the block size it is tested with: a prompt of three windows (six 32-token
+    blocks) served cold, then again from the engine's cache (vLLM reuses it by the window rule), both equal
+    to HF transformers' greedy tokens with the window; without the window the reference differs."""
+    from tests.integration.test_model_fidelity import NEW_TOKENS, hf_greedy, load_hf_model
+
+    url, model = kv_app
+    hf, tok = load_hf_model(app.deployment.service.model.resolved_source())
+    window = hf.config.sliding_window
+    text = " ".join(open(__file__).read().split())
+    prompt_ids = tok(text)["input_ids"][: 3 * window]
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": NEW_TOKENS, "temperature": 0,
+            "return_token_ids": True, "ignore_eos": True}
+    cold, warm = (httpx.post(f"{url}/v1/completions", json=body, timeout=120).json() for _ in range(2))
+    windowed = hf_greedy(hf, prompt_ids, window)
+    cached = (warm["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+    print(f"\nblock size 32: second pass reused {cached} of {len(prompt_ids)} prompt tokens")
+    assert cold["choices"][0]["token_ids"] == windowed
+    assert warm["choices"][0]["token_ids"] == windowed
+    assert cached and cached >= 4 * 32  # a window-rule hit (the two blocks before the end suffice)
+    assert hf_greedy(hf, prompt_ids, None) != windowed, "the window did not matter for this prompt"

@@ -19,27 +19,33 @@ def test_engine_reports_gqa_and_window(llm_handle):
     assert info["prefix_caching"] is True and info["num_kv_blocks"] > 0
 
 
-@pytest.fixture(scope="module")
-def hf_model(app):
+def load_hf_model(path: str):
+    """The checkpoint in HF transformers' own Mistral implementation (eager attention, float32)."""
     import torch
     from transformers import AutoTokenizer, MistralForCausalLM
 
-    path = app.deployment.service.model.resolved_source()
     torch.manual_seed(0)
     model = MistralForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def hf_model(app):
+    return load_hf_model(app.deployment.service.model.resolved_source())
+
+
 def hf_greedy(model, prompt_ids, sliding_window):
+    """Greedy tokens by a whole forward pass per token (no cache: HF's masks alone decide what each token
+    sees). EOS may be picked, as vLLM picks it with `ignore_eos` (which only does not stop there); HF's
+    `generate(min_new_tokens=...)` would forbid it and pick the runner-up instead."""
     import torch
 
     model.config.sliding_window = sliding_window
+    ids = list(prompt_ids)
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            do_sample=False, pad_token_id=model.config.eos_token_id,
-        )
-    return out[0, len(prompt_ids):].tolist()
+        for _ in range(NEW_TOKENS):
+            ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
 
 
 def test_sliding_window_matches_transformers(client, model_name, hf_model, llm_handle):
