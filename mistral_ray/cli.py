@@ -103,13 +103,18 @@ def _bench(args: argparse.Namespace) -> int:
     opts = dict(requests=args.requests, input_len=args.input_len, output_len=args.output_len, vocab=args.vocab,
                 seed=args.seed, sessions=args.sessions, turns=args.turns, system_prompts=args.system_prompts,
                 system_words=args.system_words, user_words=args.user_words)
+    client_opts = dict(requests=args.requests, input_len=args.input_len, output_len=args.output_len,
+                       seed=args.seed, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
+                       num_prefixes=args.num_prefixes)
+    engine = {**({"block_size": args.block_size} if args.block_size else {}),
+              **({"extra_args": {"num_gpu_blocks_override": args.kv_blocks}} if args.kv_blocks else {})}
     results = []
     for i, spec in enumerate(specs):
         # A target measured twice (bare vLLM before and after the others) is two lines, not one.
         label = spec if spec not in specs[:i] else f"{spec}#{specs[:i].count(spec) + 1}"
         print(f"bench: starting {label} (logs in {workdir}) ...", flush=True)
         try:
-            target = targets.start(spec, workdir, replicas=args.replicas, label=label)
+            target = targets.start(spec, workdir, replicas=args.replicas, label=label, engine=engine)
         except (RuntimeError, ValueError) as exc:  # one target that cannot start does not void the others
             print(f"bench: skipping {label}: {exc}", file=sys.stderr, flush=True)
             continue
@@ -120,9 +125,15 @@ def _bench(args: argparse.Namespace) -> int:
                 results += bench.run_target(target, args.model, workload, args.concurrency,
                                             progress=not args.no_progress, **opts)
                 print(bench.table([r for r in results if r.target == label]), flush=True)
-                if out:  # after every target, so an interrupted comparison keeps what it measured
-                    out.mkdir(parents=True, exist_ok=True)
-                    (out / "results.json").write_text(bench.to_json(results))
+            if args.vllm_client:
+                from mistral_ray.bench import vllm_client
+
+                results += vllm_client.run(target, args.model, targets.bench_service().model.resolved_source(),
+                                           args.vllm_client, args.concurrency, workdir, **client_opts)
+                print(bench.table([r for r in results if r.target.startswith(label)]), flush=True)
+            if out:  # after every target, so an interrupted comparison keeps what it measured
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "results.json").write_text(bench.to_json(results))
         finally:
             target.stop()
     print("\n" + bench.table(results), flush=True)
@@ -258,8 +269,8 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("url", nargs="?", help="a running server's root, e.g. http://127.0.0.1:8000")
     b.add_argument("--targets", nargs="+", metavar="SPEC", help="servers to start and compare, one after the "
-                   "other: ours:<pow2|prefix_affinity|session>[:<replicas>], vllm, ray-serve-llm[:<replicas>], "
-                   "ray-serve-llm:direct, label=url")
+                   "other: ours:<pow2|prefix_affinity|kv_aware|session>[:<replicas>], vllm, "
+                   "ray-serve-llm[:<replicas>], ray-serve-llm:direct, ray-serve-llm:prefix[:<replicas>], label=url")
     b.add_argument("--replicas", type=int, default=2, help="replicas for ours/ray-serve-llm targets")
     b.add_argument("--workload", nargs="+", choices=["random", "chat"], default=["random"],
                    help="random: independent prompts; chat: multi-turn sessions with shared system prompts")
@@ -280,6 +291,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--system-words", type=int, default=DEFAULTS["system_words"], help="chat: words per system prompt")
     b.add_argument("--user-words", type=int, default=DEFAULTS["user_words"], help="chat: words per user message")
     b.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    b.add_argument("--block-size", type=int, help="engine.block_size of every target the bench starts")
+    b.add_argument("--kv-blocks", type=int, help="KV-cache blocks of every engine the bench starts "
+                   "(vLLM's num_gpu_blocks_override): a cache a fraction of the working set, for KV pressure")
+    b.add_argument("--vllm-client", choices=["random", "prefix_repetition"],
+                   help="after our client, drive each target with vLLM's own `vllm bench serve` on this dataset "
+                   "too (same levels; --requests prompts, at least 2 x concurrency)")
+    b.add_argument("--prefix-len", type=int, default=DEFAULTS["prefix_len"], help="prefix_repetition: prefix tokens")
+    b.add_argument("--suffix-len", type=int, default=DEFAULTS["suffix_len"], help="prefix_repetition: suffix tokens")
+    b.add_argument("--num-prefixes", type=int, default=DEFAULTS["num_prefixes"],
+                   help="prefix_repetition: distinct prefixes")
     b.add_argument("--out", help="directory for results.json and the PNG plots")
     b.add_argument("--json", help="also write the results here")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -22,8 +22,9 @@ __all__ = ["DEFAULTS", "Result", "run", "run_target", "table", "to_json", "plot"
 # measured on: 3 turns per conversation (LMSYS-Chat-1M averages 2), short shared system prompts, long user
 # turns (pasted text, documents), 64-token answers. 4-turn and 6-turn (short-turn) traces: docs/benchmarks.md,
 # "Routing on other chat traces" (2026-11-27).
+# vLLM's prefix_repetition dataset (`--vllm-client prefix_repetition`): prompts that share one of a few prefixes.
 DEFAULTS = dict(requests=64, input_len=128, output_len=64, vocab=961, seed=0, sessions=32, turns=3,
-                system_prompts=2, system_words=30, user_words=150)
+                system_prompts=2, system_words=30, user_words=150, prefix_len=512, suffix_len=64, num_prefixes=16)
 
 
 def chat_trace(model: str, **overrides) -> ChatTrace:

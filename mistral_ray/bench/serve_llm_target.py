@@ -1,18 +1,23 @@
 """ray.serve.llm's `build_openai_app` serving our tiny model, as a benchmark target (peer comparison).
 
-`python -m mistral_ray.bench.serve_llm_target <deployment file> <port> <metrics port> <replicas>` serves
-until SIGTERM. The same engine arguments and KV size as our replicas, so only the serving stack differs.
-With RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 (and HAProxy on) in the environment, its direct-streaming mode.
+`python -m mistral_ray.bench.serve_llm_target <deployment file> <port> <metrics port> <replicas> [<mode>
+[<engine overrides as JSON>]]` serves until SIGTERM. The same engine arguments and KV size as our replicas
+(with the bench's engine overrides), so only the serving stack differs. Mode `prefix`: its
+`PrefixCacheAffinityRouter` (defaults as shipped) instead of power-of-two choices. With
+RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 (and HAProxy on) in the environment, its direct-streaming mode.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
 
+PREFIX_ROUTER = "ray.serve.llm.request_router:PrefixCacheAffinityRouter"
 
-def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
+
+def main(config: str, port: int, metrics_port: int, replicas: int, mode: str = "", engine: str = "{}") -> None:
     import ray
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
@@ -20,10 +25,10 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
     from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
 
     from mistral_ray import tiny_model
-    from mistral_ray.config import load_deployment
+    from mistral_ray.bench.targets import bench_service
     from mistral_ray.options import replica_env, vllm_args
 
-    cfg = load_deployment(config).service
+    cfg = bench_service(json.loads(engine), config)
     kwargs = vllm_args(cfg)
     source = kwargs.pop("model")
     name = kwargs.pop("served_model_name")[0]
@@ -35,7 +40,9 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
         # start, which two 0.5-CPU replicas on a 2-core machine would not leave.
         placement_group_config={"bundles": [{"CPU": 0.01}]},
         # Its defaults (1 CPU per actor) cannot place two replicas and the ingress on 2 cores.
-        deployment_config={"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0}},
+        deployment_config={"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0},
+                           **({"request_router_config": {"request_router_class": PREFIX_ROUTER}}
+                              if mode == "prefix" else {})},
         runtime_env={"env_vars": replica_env(cfg)},
         log_engine_metrics=True,
     )
@@ -59,4 +66,4 @@ def main(config: str, port: int, metrics_port: int, replicas: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7])

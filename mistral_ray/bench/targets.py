@@ -4,7 +4,9 @@ loopback.
 Specs: `ours:<policy>[:<replicas>]` (our stack from deployments/local-cpu.yaml with that routing policy, API
 keys and metrics on), `vllm` (bare `vllm serve` with the same engine arguments), `ray-serve-llm[:<replicas>]`
 (ray.serve.llm's `build_openai_app` on the same model), `ray-serve-llm:direct` (the same in its fastest mode:
-direct streaming through HAProxy, one replica), or `<label>=<url>` for a server that is already running.
+direct streaming through HAProxy, one replica), `ray-serve-llm:prefix[:<replicas>]` (the same with its
+`PrefixCacheAffinityRouter`), or `<label>=<url>` for a server that is already running. `engine` overrides
+apply to every target the bench starts alike (e.g. a small KV cache for a KV-pressure run).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import json
+
 import yaml
 
-from mistral_ray.config import PROJECT_ROOT, ServiceConfig, load_deployment
+from mistral_ray.config import PROJECT_ROOT, ServiceConfig, load_deployment, parse_service
 from mistral_ray.options import replica_env, vllm_args
 from mistral_ray.processes import die_with_parent
 
@@ -111,9 +115,18 @@ def _spawn(cmd: list[str], log: Path, env: Optional[dict] = None) -> subprocess.
                             preexec_fn=die_with_parent)
 
 
-def _ours(label: str, policy: str, replicas: int, workdir: Path) -> Target:
+def bench_service(engine: Optional[dict] = None, path: Path = LOCAL_CPU) -> ServiceConfig:
+    """A deployment file's service (deployments/local-cpu.yaml) with the bench's engine overrides (`extra_args`
+    merged)."""
+    args = load_deployment(path).service.model_dump(mode="json")
+    for key, value in (engine or {}).items():
+        args["engine"][key] = {**args["engine"][key], **value} if key == "extra_args" else value
+    return parse_service(args)
+
+
+def _ours(label: str, policy: str, replicas: int, workdir: Path, engine: Optional[dict] = None) -> Target:
     raw = yaml.safe_load(LOCAL_CPU.read_text())
-    args = load_deployment(LOCAL_CPU).service.model_dump(mode="json")
+    args = bench_service(engine).model_dump(mode="json")
     args["scaling"].update(min_replicas=replicas, max_replicas=replicas, initial_replicas=None)
     args["router"]["routing"]["policy"] = policy
     keys = workdir / "api-keys"
@@ -146,8 +159,8 @@ def vllm_cli_args(cfg: ServiceConfig) -> list[str]:
     return args
 
 
-def _vllm(label: str, workdir: Path) -> Target:
-    cfg = load_deployment(LOCAL_CPU).service
+def _vllm(label: str, workdir: Path, engine: Optional[dict] = None) -> Target:
+    cfg = bench_service(engine)
     port = free_port()
     cmd = [sys.executable, "-m", "mistral_ray.engine.vllm_cli", "serve", *vllm_cli_args(cfg),
            "--host", "127.0.0.1", "--port", str(port)]
@@ -156,18 +169,20 @@ def _vllm(label: str, workdir: Path) -> Target:
     return Target(label, url, f"{url}/metrics", proc, 0.5)
 
 
-def _ray_serve_llm(label: str, replicas: int, direct: bool, workdir: Path) -> Target:
+def _ray_serve_llm(label: str, replicas: int, mode: str, workdir: Path, engine: Optional[dict] = None) -> Target:
     port, metrics_port = free_port(), free_port()
+    direct = mode == "direct"
     cmd = [sys.executable, "-m", "mistral_ray.bench.serve_llm_target", str(LOCAL_CPU), str(port),
-           str(metrics_port), str(replicas)]
+           str(metrics_port), str(replicas), mode, json.dumps(engine or {})]
     proc = _spawn(cmd, workdir / f"{label}.log", {**DIRECT_STREAMING_ENV, **_local_ports()} if direct else None)
     return Target(label, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, 2.5)
 
 
 def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 600,
-          label: Optional[str] = None) -> Target:
+          label: Optional[str] = None, engine: Optional[dict] = None) -> Target:
     """Start the target `spec` names and return once it answers a completion (else RuntimeError). `label`
-    names its results and its files in `workdir` (default: the spec)."""
+    names its results and its files in `workdir` (default: the spec); `engine` overrides engine fields of
+    the deployment file for every kind of target."""
     if "=" in spec:
         name, url = spec.split("=", 1)
         return Target(name, url.rstrip("/"))
@@ -176,15 +191,20 @@ def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 
     files = label.replace(":", "-").replace("#", "-")
     if kind == "ours":
         policy, _, n = rest.partition(":")
-        target = _ours(files, policy or "pow2", int(n or replicas), workdir)
+        target = _ours(files, policy or "pow2", int(n or replicas), workdir, engine)
     elif kind == "vllm":
-        target = _vllm(files, workdir)
+        target = _vllm(files, workdir, engine)
     elif kind == "ray-serve-llm":
-        direct = rest == "direct"  # its direct streaming serves one replica per app
-        target = _ray_serve_llm(files, 1 if direct else int(rest or replicas), direct, workdir)
+        mode, _, n = rest.partition(":")
+        if mode.isdigit() or not mode:
+            mode, n = "", mode
+        if mode not in ("", "direct", "prefix"):
+            raise ValueError(f"unknown ray-serve-llm mode {mode!r}: direct, prefix")
+        # its direct streaming serves one replica per app
+        target = _ray_serve_llm(files, 1 if mode == "direct" else int(n or replicas), mode, workdir, engine)
     else:
         raise ValueError(f"unknown target {spec!r}: ours:<policy>[:<replicas>], vllm, ray-serve-llm[:<replicas>], "
-                         "ray-serve-llm:direct, label=url")
+                         "ray-serve-llm:direct, ray-serve-llm:prefix[:<replicas>], label=url")
     target.label = label
     try:
         _wait(target, ready_timeout_s)

@@ -105,3 +105,32 @@ def test_drive_interleaves_chat_sessions_and_sends_each_turn_after_its_answer():
     assert len(asyncio.run(drive("http://test", calls, 3, progress=False,
                                  transport=httpx.MockTransport(app)))[0]) == 5
     assert asyncio.run(drive("http://test", [], 2, progress=False))[0] == []
+
+
+def test_engine_overrides_reach_every_kind_of_target_alike():
+    from mistral_ray.bench.targets import bench_service
+
+    cfg = bench_service({"block_size": 32, "extra_args": {"num_gpu_blocks_override": 64}})
+    assert cfg.engine.block_size == 32 and cfg.engine.extra_args["num_gpu_blocks_override"] == 64
+    flags = vllm_cli_args(cfg)  # bare vLLM; ours and ray.serve.llm take vllm_args of the same config
+    assert flags[flags.index("--block-size") + 1] == "32"
+    assert flags[flags.index("--num-gpu-blocks-override") + 1] == "64"
+
+
+def test_vllm_client_runs_the_same_levels_and_reads_into_our_rows(tmp_path):
+    from mistral_ray.bench import DEFAULTS, vllm_client
+    from mistral_ray.bench.targets import Target
+
+    target = Target("ours:kv_aware", "http://127.0.0.1:1")
+    cmd = vllm_client.command(target, "tiny-mistral", "/tok", "prefix_repetition", 8, tmp_path / "r.json",
+                              {**DEFAULTS, "requests": 4})
+    arg = lambda flag: cmd[cmd.index(flag) + 1]  # noqa: E731
+    assert arg("--num-prompts") == "16" and arg("--max-concurrency") == "8"  # at least 2 per client
+    assert arg("--prefix-repetition-prefix-len") == str(DEFAULTS["prefix_len"])
+    assert arg("--header").startswith("Authorization=Bearer ")
+    report = {"completed": 16, "failed": 0, "duration": 2.0, "request_throughput": 8.0, "output_throughput": 512.0,
+              "p50_ttft_ms": 40.0, "p95_ttft_ms": 90.0, "p99_ttft_ms": 99.0, "p50_tpot_ms": 20.0, "p95_tpot_ms": 25.0,
+              "p50_itl_ms": 19.0, "p95_itl_ms": 30.0, "p99_itl_ms": 40.0}
+    row = vllm_client.result("ours:kv_aware", "prefix_repetition", 8, report, 0.5)
+    assert (row.target, row.requests, row.req_per_s, row.ttft_ms_p95, row.prefix_cache_hit_rate) == \
+        ("ours:kv_aware [vllm bench]", 16, 8.0, 90.0, 0.5)
