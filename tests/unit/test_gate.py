@@ -244,7 +244,7 @@ def test_a_routers_prompt_ids_reach_the_engine_only_from_behind_haproxy(monkeypa
     async def take(key):
         return staged.pop(key, None)
 
-    s.link = SimpleNamespace(prompt_ids=take)
+    s.link = SimpleNamespace(prompt_ids=take, close=lambda: None)
     forwarded = []
     s.metrics.prompt_forwarded = lambda route, used: forwarded.append((route, used))
     chat = {"model": "tiny-mistral", "messages": [{"role": "user", "content": "hi"}]}
