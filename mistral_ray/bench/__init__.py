@@ -14,7 +14,7 @@ from typing import Optional
 from mistral_ray.bench.load import Result, drive, summarize
 from mistral_ray.bench.report import hit_rate, plot, prefix_cache_counters, table, to_json
 from mistral_ray.bench.targets import Target
-from mistral_ray.bench.workloads import ChatTrace, random_prompts
+from mistral_ray.bench.workloads import ChatTrace, random_prompts, warmup_prompts
 
 __all__ = ["DEFAULTS", "Result", "run", "run_target", "table", "to_json", "plot", "ChatTrace", "chat_trace"]
 
@@ -60,8 +60,7 @@ def run_target(target: Target, model: str, workload: str, concurrencies: list[in
     """Warm up, then one bounded run per concurrency level."""
     opts = {**DEFAULTS, **opts}
     if warmup:
-        asyncio.run(drive(target.base_url, random_prompts(model, warmup, 16, 4, opts["vocab"], opts["seed"] - 1),
-                          2, headers=target.headers, progress=False))
+        asyncio.run(drive(target.base_url, warmup_prompts(model, warmup), 2, headers=target.headers, progress=False))
     return [_level(target, workload, model, c, opts, progress) for c in concurrencies]
 
 

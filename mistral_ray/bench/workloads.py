@@ -41,6 +41,14 @@ def random_prompts(model: str, n: int, input_len: int, output_len: int, vocab: i
     ]
 
 
+def warmup_prompts(model: str, n: int) -> list[Call]:
+    """A few short text completions before the measured levels. Text, not token ids: ray.serve.llm's
+    PrefixCacheAffinityRouter (Ray 2.60) divides by a token-id prompt's text length, zero, and the request
+    never returns (its random workload cannot be run for that reason)."""
+    return [Call("completions", {"model": model, "prompt": f"warm up {i}", "max_tokens": 4, "stream": True,
+                                 "stream_options": {"include_usage": True}}) for i in range(n)]
+
+
 @dataclass
 class ChatTrace:
     """`sessions` conversations of `turns` turns each; system prompts shared across sessions. The sizes

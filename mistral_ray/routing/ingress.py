@@ -84,6 +84,7 @@ class IngressRouter:
 
             self.tokens = PromptTokens(cfg.model.resolved_source(), cfg.engine.chat_template,
                                        tokenizer_mode=cfg.engine.tokenizer_mode, revision=cfg.model.revision)
+            self.tokens.preload()
             self.prompts = PromptSender()
         llm._init()  # start the handle's request router now, not on the first request
 

@@ -46,6 +46,11 @@ class PromptTokens:
         self._next_try = 0.0
         self._loading = False
 
+    def preload(self) -> None:
+        """Start loading now (in its thread), not on the first request: until it is in, kv_aware routes by the
+        text prefix (a bench that started right after the app saw half its requests routed so)."""
+        self._loaded()
+
     def exact(self) -> bool:
         """Whether vLLM tokenizes this model as we can (the HF fast tokenizer)."""
         if self.mode != "auto" and self.mode != "hf":

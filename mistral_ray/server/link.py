@@ -19,7 +19,6 @@ Both sockets bind this node's address on free ports; the replica reports them wi
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +30,6 @@ import zmq
 from mistral_ray.routing.prompts import decode_ids
 from mistral_ray.server.load import Inflight, engine_load
 
-logger = logging.getLogger("ray.serve")
 KEY_CHARS = 64  # a staging key is 32 hex digits; anything longer is not ours
 
 
@@ -89,6 +87,7 @@ class RouterLink:
         self.inflight: Optional[Inflight] = None
         self.engine = (0, 0, 0.0)  # running, waiting, KV use as of the engine's last step
         self.seq = 0
+        self._last: Optional[tuple] = None  # what the last snapshot said (an unchanged one is not sent again)
         self._scheduled = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread = 0
@@ -126,17 +125,23 @@ class RouterLink:
         self.seq += 1
         return [running, waiting, pending, kv, arrivals, self.seq]
 
-    def _publish(self) -> None:
+    def _publish(self, always: bool = False) -> None:
         self._scheduled = False
+        snap = self.snapshot()
+        said = (*snap[:3], round(snap[3], 3), sum(snap[4].values()))
+        if said == self._last and not always:
+            return
+        self._last = said
         try:
-            self.pub.send_multipart((self.topic, msgspec.msgpack.encode(self.snapshot())), flags=zmq.NOBLOCK)
+            self.pub.send_multipart((self.topic, msgspec.msgpack.encode(snap)), flags=zmq.NOBLOCK)
         except zmq.ZMQError:  # no room: the router gets the next snapshot
             pass
 
     async def _heartbeat(self) -> None:
         while True:  # an idle replica's last snapshot may have been dropped; a new router needs one
             await asyncio.sleep(self.heartbeat_s)
-            self._publish()
+            self._publish(always=True)
+            self._drain()  # ids whose requests went elsewhere: bounded here, not left in ZMQ's queue
 
     def _drain(self) -> None:
         now = time.monotonic()
