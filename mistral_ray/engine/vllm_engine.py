@@ -25,6 +25,7 @@ from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.usage.usage_lib import UsageContext
@@ -34,6 +35,7 @@ from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from mistral_ray.engine.requests import read
 from mistral_ray.engine.step_stats import Listener, StepStats
+from mistral_ray.routing.hint import PROBE_CHAT
 from mistral_ray.server.generation import PROMPT_IDS_SCOPE, Generation
 
 logger = logging.getLogger("ray.serve")
@@ -149,11 +151,27 @@ def _forwarded_prompt_ids(serving: Any) -> None:
     serving.create_chat_completion = create
 
 
+async def _render_probe(serving: Any, model: str) -> Optional[list[int]]:
+    """The ids vLLM renders for `PROBE_CHAT`: a router sends this engine ids only if it renders them alike
+    (the same template, tokenizer, content format and template defaults, whatever the config set)."""
+    try:
+        result = await serving.render_chat_request(ChatCompletionRequest(model=model, messages=list(PROBE_CHAT)))
+        if isinstance(result, ErrorResponse):
+            return None
+        return list(result[1][0]["prompt_token_ids"])
+    except Exception as exc:  # a template that cannot render it: no ids are sent to this engine
+        logger.warning("kv_aware: the probe chat does not render (%s: %s); routers will not send ids",
+                       type(exc).__name__, exc)
+        return None
+
+
 class VLLMEngine:
     """A started engine with its serving state. Built by `start`; the replica owns exactly one."""
 
-    def __init__(self, llm: AsyncLLM, state: State, args, tasks: tuple, max_prompt_tokens: Optional[int] = None):
+    def __init__(self, llm: AsyncLLM, state: State, args, tasks: tuple, max_prompt_tokens: Optional[int] = None,
+                 probe: Optional[list[int]] = None):
         self.llm, self.state, self.args, self.tasks = llm, state, args, tasks
+        self.probe = probe
         # One renderer serves every generation route (each serving holds this same object).
         _reject_overlong(state.online_renderer, llm.model_config, max_prompt_tokens)
         for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses",
@@ -186,7 +204,10 @@ class VLLMEngine:
         state = State()
         tasks = tuple(await llm.get_supported_tasks())
         await init_app_state(llm, state, args, tasks)
-        return cls(llm, state, args, tasks, max_prompt_tokens)
+        probe = None
+        if args.kv_events_config is not None and getattr(state, "openai_serving_chat", None) is not None:
+            probe = await _render_probe(state.openai_serving_chat, llm.model_config.served_model_name)
+        return cls(llm, state, args, tasks, max_prompt_tokens, probe)
 
     def build_app(self):
         """vLLM's OpenAI app (FastAPI) sharing this engine's serving state."""
@@ -229,7 +250,8 @@ class VLLMEngine:
             return None
         published = sources[min(sources)]
         return {"pub": published.endpoint, "replay": published.replay_endpoint, "topic": published.topic,
-                "seed": os.environ.get("PYTHONHASHSEED"), "blocks": self.llm.vllm_config.cache_config.num_gpu_blocks}
+                "seed": os.environ.get("PYTHONHASHSEED"), "blocks": self.llm.vllm_config.cache_config.num_gpu_blocks,
+                "probe": self.probe}
 
     async def check_health(self) -> None:
         await self.llm.check_health()

@@ -88,21 +88,48 @@ def parse_object(body: bytes) -> Optional[dict[str, Any]]:
     return payload if isinstance(payload, dict) else None
 
 
-# The chat request fields vLLM's renderer does not read (sampling, output, accounting): a chat with any other
-# field is not sent ahead, since the router may not render it as vLLM does (tools, documents, a template or
-# its kwargs, reasoning_effort, response_format, media, truncation, echo, a cache salt, ...).
+# The chat request fields vLLM's renderer does not read (sampling, output, accounting), and the rendering
+# switches at their defaults: a chat with any other field is not sent ahead, since the router may not render
+# it as vLLM does (tools, documents, a template or its kwargs, reasoning_effort, response_format, media,
+# truncation, echo, a cache salt, ...).
 SENDABLE_FIELDS = frozenset({
-    "model", "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-    "max_tokens", "max_completion_tokens", "min_tokens", "n", "stream", "stream_options", "stop", "stop_token_ids",
-    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "length_penalty", "logit_bias", "logprobs", "top_logprobs", "ignore_eos", "user",
-    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
-    "priority", "store", "metadata", "service_tier", "return_token_ids"})
+    "model", "messages", "max_tokens", "max_completion_tokens", "min_tokens", "n", "stream", "stream_options",
+    "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "length_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "ignore_eos", "user", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+    "request_id", "priority", "store", "metadata", "service_tier", "return_token_ids"})
+RENDER_DEFAULTS = {"add_generation_prompt": True, "continue_final_message": False, "add_special_tokens": False}
+# What a replica's engine renders and the router must render alike before it sends it any ids: a system
+# prompt, a finished turn, a new turn (the replica reports vLLM's ids for it, `engine/vllm_engine.py`).
+PROBE_CHAT = ({"role": "system", "content": "You answer briefly."},
+              {"role": "user", "content": "What is a sliding window?"},
+              {"role": "assistant", "content": "The last W tokens each token attends to."},
+              {"role": "user", "content": "And a block?"})
+_BILLING_HEADER = "x-anthropic-billing-header"  # vLLM strips this line from system text
+
+
+def _plain_message(i: int, m: Any) -> bool:
+    """A message vLLM renders as the router does: string content, a system prompt only first (vLLM merges
+    system messages and turns `developer` into `system` when the template has no such role)."""
+    if not isinstance(m, dict) or set(m) - {"role", "content"} or not isinstance(m.get("content"), str):
+        return False
+    role = m.get("role")
+    if role == "system":
+        return i == 0 and not m["content"].startswith(_BILLING_HEADER)
+    return role in ("user", "assistant")
 
 
 def sendable(payload: dict[str, Any]) -> bool:
-    """Whether a chat's ids may replace its messages at the engine: no field the renderer reads but ours."""
-    return all(value is None or key in SENDABLE_FIELDS for key, value in payload.items())
+    """Whether a chat's ids may replace its messages at the engine: no field the renderer reads but the
+    messages, the switches at their defaults (as JSON booleans: vLLM reads "false" as False), plain messages."""
+    for key, value in payload.items():
+        if key in RENDER_DEFAULTS:
+            if value is not None and value is not RENDER_DEFAULTS[key]:
+                return False
+        elif value is not None and key not in SENDABLE_FIELDS:
+            return False
+    messages = payload.get("messages")
+    return isinstance(messages, list) and bool(messages) and all(_plain_message(i, m) for i, m in enumerate(messages))
 
 
 Tokenize = Callable[[str, dict], Optional[tuple[int, ...]]]

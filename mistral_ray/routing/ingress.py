@@ -23,6 +23,7 @@ from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.metrics import RouteLatency
 from mistral_ray.routing.hint import hint_from_body
 from mistral_ray.routing.policies import KV_EVENTS
+from mistral_ray.routing.prompts import body_digest
 
 logger = logging.getLogger("ray.serve")
 # HAProxy strips client-sent headers with Serve's router prefix and applies the ones we return.
@@ -88,6 +89,10 @@ class IngressRouter:
             self.prompts = PromptSender()
         llm._init()  # start the handle's request router now, not on the first request
 
+    def __del__(self):
+        if getattr(self, "prompts", None) is not None:
+            self.prompts.close()
+
     async def __serve_build_asgi_app__(self):
         async def app(scope, receive, send):  # a plain function: uvicorn would take a bound method for ASGI2
             await self.serve_http(scope, receive, send)
@@ -130,10 +135,11 @@ class IngressRouter:
         if predicted is not None:
             headers[PREDICTED_HEADER] = str(predicted)
         if hint.sendable and self.prompts is not None:  # the engine need not tokenize the chat again
-            endpoint = ((replica.routing_stats or {}).get(KV_EVENTS) or {}).get("prompts")
-            key = self.prompts.send(endpoint, hint.tokens) if endpoint else None
-            if key is not None:
-                headers[PROMPT_HEADER] = key
+            source = (replica.routing_stats or {}).get(KV_EVENTS) or {}
+            if source.get("prompts") and self.tokens.agrees(source.get("probe")):
+                key = self.prompts.send(source["prompts"], hint.tokens, body_digest(body))
+                if key is not None:
+                    headers[PROMPT_HEADER] = key
         await _answer(send, 200, {"replica_id": replica.replica_id.to_full_id_str(), "host": host, "port": port,
                                   "request_headers": headers})
         self.metrics.answered(time.perf_counter() - start)

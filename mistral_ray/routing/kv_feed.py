@@ -41,23 +41,25 @@ class EngineLoad:
     kv_usage: float
     arrivals: dict = field(default_factory=dict)
     seq: int = 0
+    at: float = 0.0  # when it came (monotonic)
 
     @property
     def ongoing(self) -> int:
         return self.running + self.waiting + self.pending
 
 
-def _load(payload: bytes) -> Optional[EngineLoad]:
+def _load(payload: bytes, now: float) -> Optional[EngineLoad]:
     snap = msgspec.msgpack.decode(payload)
     if not isinstance(snap, list) or len(snap) != 6 or not isinstance(snap[4], dict):
         return None
     return EngineLoad(int(snap[0]), int(snap[1]), int(snap[2]), float(snap[3]),
-                      {str(k): int(v) for k, v in snap[4].items()}, int(snap[5]))
+                      {str(k): int(v) for k, v in snap[4].items()}, int(snap[5]), now)
 
 
 class KVFeed:
-    def __init__(self, max_blocks: int, replay_timeout_s: float = 2.0):
+    def __init__(self, max_blocks: int, replay_timeout_s: float = 2.0, load_stale_s: float = 3.0):
         self.max_blocks, self.replay_timeout_s = max_blocks, replay_timeout_s
+        self.load_stale_s = load_stale_s  # three of a replica's heartbeats: past it, Serve's stats again
         self.indexes: dict[str, ReplicaIndex] = {}
         self.loads: dict[str, EngineLoad] = {}
         self.load_reports = 0  # snapshots received (the router's metric reads it)
@@ -87,8 +89,10 @@ class KVFeed:
             self._commands.put(("forget", replica, None))
 
     def load(self, replica: str) -> Optional[EngineLoad]:
-        """The replica's last load snapshot, if it publishes one and one came."""
-        return self.loads.get(replica)
+        """The replica's last load snapshot, if it publishes one and one came lately (a replica whose link
+        or event loop stalled must not look idle for good)."""
+        load = self.loads.get(replica)
+        return load if load is not None and time.monotonic() - load.at <= self.load_stale_s else None
 
     def source(self, replica: str) -> dict:
         return self._sources.get(replica) or {}
@@ -139,7 +143,7 @@ class KVFeed:
             if replica is None or replica not in self._sources:
                 continue
             try:
-                load = _load(frames[1])
+                load = _load(frames[1], time.monotonic())
             except (msgspec.DecodeError, TypeError, ValueError):
                 load = None
             if load is not None:

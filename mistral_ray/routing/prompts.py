@@ -2,14 +2,17 @@
 
 The ingress router has tokenized the chat to rank the replicas (`tokens.py`); pushing the ids to the chosen
 replica's link (`server/link.py`) under a random key, which the forwarded request carries in a header only
-HAProxy sets, spares that replica's engine rendering and tokenizing the messages again. Best effort: a push
-that cannot go out at once (no connection yet, a full pipe) is dropped and the request carries no key, and
-the engine tokenizes as usual.
+HAProxy sets, spares that replica's engine rendering and tokenizing the messages again. The ids travel with
+a digest of the body they were computed from: the replica uses them only for that same body. They go only
+to a replica whose engine renders the probe chat (`hint.PROBE_CHAT`) to the ids the router does. Best
+effort: a push that cannot go out at once (no connection yet, a full pipe) is dropped and the request
+carries no key, and the engine tokenizes as usual.
 """
 
 from __future__ import annotations
 
 import array
+import hashlib
 import logging
 import secrets
 import sys
@@ -20,6 +23,11 @@ import zmq
 
 logger = logging.getLogger("ray.serve")
 MAX_SOCKETS = 256  # replicas one router pushes to; the least recently used beyond go
+
+def body_digest(body: bytes) -> bytes:
+    """What binds staged ids to the request body they were computed from."""
+    return hashlib.blake2b(body, digest_size=16).digest()
+
 
 def encode_ids(ids) -> bytes:
     """Token ids as little-endian uint32."""
@@ -45,14 +53,15 @@ class PromptSender:
         self._ctx: Optional[zmq.Context] = None
         self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
 
-    def send(self, endpoint: str, ids) -> Optional[str]:
-        """The key the ids were staged under at `endpoint`, or None if they could not go out at once."""
+    def send(self, endpoint: str, ids, digest: bytes) -> Optional[str]:
+        """The key the ids (of the body with `digest`) were staged under at `endpoint`, or None if they could
+        not go out at once."""
         sock = self._socket(endpoint)
         if sock is None:
             return None
         key = secrets.token_hex(16)
         try:
-            sock.send_multipart((key.encode(), encode_ids(ids)), flags=zmq.DONTWAIT)
+            sock.send_multipart((key.encode(), digest, encode_ids(ids)), flags=zmq.DONTWAIT)
         except zmq.Again:  # not connected yet, or the replica is not reading: it tokenizes this one
             return None
         except zmq.ZMQError as exc:

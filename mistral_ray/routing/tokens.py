@@ -45,6 +45,24 @@ class PromptTokens:
         self._tokenizer = None
         self._next_try = 0.0
         self._loading = False
+        self._agreed: dict[tuple, bool] = {}  # an engine's probe ids -> whether ours are the same
+
+    def agrees(self, probe: Optional[list]) -> bool:
+        """Whether a replica whose engine rendered `hint.PROBE_CHAT` to `probe` renders chats as we do."""
+        if not probe:
+            return False
+        key = tuple(probe)
+        if key not in self._agreed:
+            from mistral_ray.routing.hint import PROBE_CHAT
+
+            mine = self.of("chat", {"messages": list(PROBE_CHAT)})
+            if mine is None:  # no tokenizer yet: ask again next time
+                return False
+            self._agreed[key] = mine == key
+            if mine != key:
+                logger.warning("kv_aware: this router renders the probe chat unlike the engine (%d vs %d ids); "
+                               "prompt ids are not sent to it", len(mine), len(key))
+        return self._agreed[key]
 
     def preload(self) -> None:
         """Start loading now (in its thread), not on the first request: until it is in, kv_aware routes by the

@@ -35,11 +35,15 @@ class Admitted:
 
     route: Route
     key_id: str
-    body: bytes
+    body: bytes  # what vLLM gets (the stream's usage asked for, when the client did not)
     stream: bool = False
     seq: Optional[Sequence] = None  # its slot in the replica's load (generation routes)
     charge: Optional[Charge] = None
     hide_usage: bool = False  # we asked vLLM for the stream's usage chunk; the client did not
+    received: bytes = b""  # the body as the client sent it
+
+    def __post_init__(self):
+        self.received = self.received or self.body
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -71,6 +75,7 @@ def check_shape(route: str, payload: dict[str, Any]) -> None:
 # `kv_transfer_params.prompt_token_ids` replaces the prompt the messages render to, and `vllm_xargs` reaches
 # the engine's per-request KV controls (`kv_cache_report_mode` re-publishes reused blocks as events).
 NOT_SERVED_FIELDS = {"kv_transfer_params": "disaggregated serving's transfer parameters",
+                     "ec_transfer_params": "disaggregated serving's encoder-cache transfer parameters",
                      "vllm_xargs": "vLLM's per-request extension arguments (KV connectors, plugins)"}
 
 

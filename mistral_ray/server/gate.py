@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Optional
 
 from mistral_ray.metrics import RequestMetrics
 from mistral_ray.routing.ingress import PICKER_HEADER, PREDICTED_HEADER, PROMPT_HEADER
+from mistral_ray.routing.prompts import body_digest
 from mistral_ray.server.checks import Admitted, Checks
 from mistral_ray.server.errors import REPLICA_HEADER, REQUEST_ID_HEADER, Refused, normalized, sse_error
 from mistral_ray.server.generation import PROMPT_IDS_SCOPE
@@ -76,7 +77,7 @@ class Gate:
     def __init__(self, app, checks: Checks, load: Inflight, metrics: RequestMetrics, replica_id: str,
                  ready: Callable[[], Awaitable[None]], request_timeout_s: float, ready_timeout_s: float,
                  trust_request_id: bool = False,
-                 prompt_ids: Optional[Callable[[bytes], Awaitable[Optional[list]]]] = None):
+                 prompt_ids: Optional[Callable[[bytes, bytes], Awaitable[Optional[list]]]] = None):
         self.app, self.checks, self.load, self.metrics = app, checks, load, metrics
         self.replica_id, self.ready = replica_id, ready
         self.header = (REPLICA_HEADER.encode(), replica_id.encode())
@@ -132,7 +133,7 @@ class Gate:
                                               request_id.decode("latin-1") if request_id else None)
             predicted = headers.get(_PREDICTED) if self.trust_request_id else None  # set by our router only
             if route.label == "chat":
-                await self._take_prompt_ids(scope, headers)
+                await self._take_prompt_ids(scope, headers, request.received)
             status = await self._forward(scope, receive, send, request, start,
                                          int(predicted) if predicted and predicted.isdigit() else None)
         except Refused as refusal:
@@ -159,13 +160,13 @@ class Gate:
                     # but it was a request (it cost a render), so only its tokens come back.
                     self.checks.quota.refund(key_id, (0.0, request.charge[1]))
 
-    async def _take_prompt_ids(self, scope, headers: dict[bytes, bytes]) -> None:
-        """The chat's token ids as the router computed them, for the engine to run (behind HAProxy only:
-        the header is ours there)."""
+    async def _take_prompt_ids(self, scope, headers: dict[bytes, bytes], body: bytes) -> None:
+        """The chat's token ids as the router computed them from this very body, for the engine to run
+        (behind HAProxy only: the header is ours there)."""
         key = headers.get(_PROMPT) if self.trust_request_id and self.prompt_ids is not None else None
         if key is None:
             return
-        ids = await self.prompt_ids(key)
+        ids = await self.prompt_ids(key, body_digest(body))
         self.metrics.prompt_forwarded("chat", ids is not None)
         if ids:
             scope[PROMPT_IDS_SCOPE] = ids

@@ -8,7 +8,8 @@ polls every `stats_period_s` and relays) is up to half a second old; a router th
 a report over-counted every replica by what had finished meanwhile.
 
 In (ZMQ PULL): the prompt token ids a router computed for a chat it is sending here, under a random key the
-request carries in a header HAProxy sets (`routing/ingress.py`); the gate hands them to the engine, which
+request carries in a header HAProxy sets (`routing/ingress.py`) and with a digest of the body they were
+computed from (used only for a request with that same body); the gate hands them to the engine, which
 then does not render and tokenize the messages again (1.3 ms of the replica's event loop for an 800-token
 chat here; 0.2 ms with the ids). The ids go out before the router answers HAProxy, but may still be on their
 way when the request comes: they are waited for up to `wait_s`, then the engine tokenizes.
@@ -43,34 +44,40 @@ class Staged:
 
     def __init__(self, max_entries: int = 4096, max_bytes: int = 64 << 20, ttl_s: float = 30.0):
         self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
-        self._entries: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[float, bytes, bytes]] = OrderedDict()  # key -> (when, digest, ids)
         self._bytes = 0
 
-    def put(self, key: bytes, payload: bytes, now: float) -> None:
+    def put(self, key: bytes, digest: bytes, payload: bytes, now: float) -> None:
         if not key or len(key) > KEY_CHARS or not payload or len(payload) % 4 or len(payload) > self.max_bytes:
             return
         old = self._entries.pop(key, None)
         if old is not None:
-            self._bytes -= len(old[1])
-        self._entries[key] = (now, payload)
+            self._bytes -= len(old[2])
+        self._entries[key] = (now, digest, payload)
         self._bytes += len(payload)
         while self._entries and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes
                                  or next(iter(self._entries.values()))[0] < now - self.ttl_s):
-            self._bytes -= len(self._entries.popitem(last=False)[1][1])
+            self._bytes -= len(self._entries.popitem(last=False)[1][2])
 
-    def take(self, key: bytes) -> Optional[list[int]]:
+    def take(self, key: bytes, digest: bytes) -> Optional[list[int]]:
+        """The ids staged under `key` for the body with `digest`, once (another body's: None, and gone)."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return None
-        self._bytes -= len(entry[1])
-        return decode_ids(entry[1])
+        self._bytes -= len(entry[2])
+        return decode_ids(entry[2]) if entry[1] == digest else None
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
 
 class RouterLink:
-    def __init__(self, host: str, topic: str, heartbeat_s: float = 1.0, wait_s: float = 0.005):
+    def __init__(self, host: str, topic: str, max_prompt_ids: int = 1 << 20, heartbeat_s: float = 1.0,
+                 wait_s: float = 0.005):
+        """`max_prompt_ids`: the longest prompt the engine takes (a bigger message is dropped unread)."""
         self.topic, self.heartbeat_s, self.wait_s = topic.encode(), heartbeat_s, wait_s
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)  # sent to without waiting, from the event loop
@@ -80,12 +87,14 @@ class RouterLink:
             sock.setsockopt(zmq.IPV6, ":" in host)
         self.pub.setsockopt(zmq.SNDHWM, 64)  # a router that falls behind drops snapshots; the next is whole
         self.pull.setsockopt(zmq.RCVHWM, 1024)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, 4 * max_prompt_ids + 64)
         bound = "[%s]" % host if ":" in host else host
         self.endpoints = {"load": _endpoint(host, self.pub.bind_to_random_port(f"tcp://{bound}")),
                           "prompts": _endpoint(host, self.pull.bind_to_random_port(f"tcp://{bound}"))}
         self.staged = Staged()
         self.inflight: Optional[Inflight] = None
         self.engine = (0, 0, 0.0)  # running, waiting, KV use as of the engine's last step
+        self.steps = self.busiest = 0  # engine steps reported, most requests running at one
         self.seq = 0
         self._last: Optional[tuple] = None  # what the last snapshot said (an unchanged one is not sent again)
         self._scheduled = False
@@ -102,6 +111,7 @@ class RouterLink:
     def engine_step(self, running: int, waiting: int, kv_usage: float) -> None:
         """vLLM's scheduler counts (engine/step_stats.py), on the replica's event loop."""
         self.engine = (running, waiting, kv_usage)
+        self.steps, self.busiest = self.steps + 1, max(self.busiest, running)
         self.changed()
 
     def changed(self) -> None:
@@ -150,20 +160,22 @@ class RouterLink:
                 frames = self.pull.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.ZMQError:  # nothing more (Again), or closed
                 return
-            if len(frames) == 2:
-                self.staged.put(frames[0], frames[1], now)
+            if len(frames) == 3:
+                self.staged.put(frames[0], frames[1], frames[2], now)
 
-    async def prompt_ids(self, key: bytes) -> Optional[list[int]]:
-        """The ids a router staged under `key`, once; None if they are not here within `wait_s`."""
+    async def prompt_ids(self, key: bytes, digest: bytes) -> Optional[list[int]]:
+        """The ids a router staged under `key` for the body with `digest`, once; None if they are not here
+        within `wait_s`."""
         deadline = time.monotonic() + self.wait_s
         while True:
             self._drain()
-            ids = self.staged.take(key)
-            if ids is not None or time.monotonic() >= deadline:
-                return ids
+            if key in self.staged or time.monotonic() >= deadline:
+                return self.staged.take(key, digest)
             await asyncio.sleep(0.0005)
 
     def close(self) -> None:
+        if self.inflight is not None:
+            self.inflight.on_change = None
         for task in self._tasks:
             task.cancel()
         self.pub.close(0)

@@ -89,7 +89,8 @@ class LLMServer:
         self.cfg = cfg
         self.replica_id = replica_id()
         # kv_aware: the engine's step counts out to the routers, their prompt token ids in (link.py)
-        self.link = RouterLink(node_address(), self.replica_id) if cfg.router.routing.policy == "kv_aware" else None
+        self.link = (RouterLink(node_address(), self.replica_id, cfg.engine.max_model_len or 1 << 17)
+                     if cfg.router.routing.policy == "kv_aware" else None)
         factory = engine_factory or functools.partial(start_vllm, on_step=self.link and self.link.engine_step)
         self.engine = await factory(cfg)
         info = self.engine.info()
@@ -121,19 +122,23 @@ class LLMServer:
                     self.engine.check_health, r.request_timeout_s, r.ready_timeout_s, haproxy_serves(),
                     prompt_ids=self.link.prompt_ids if self.link is not None else None)
 
-    def record_routing_stats(self) -> dict:
+    # Both stats hooks are coroutines: Serve runs a plain method on a thread of its pool, where it would read
+    # the load's sets while the event loop changes them.
+    async def record_routing_stats(self) -> dict:
         """Serve's controller reads this every `routing.stats_period_s` and passes it to every router."""
         stats = self.load.routing_stats()
         if self.kv_events:
             stats[KV_EVENTS] = {**self.kv_events, **(self.link.endpoints if self.link is not None else {})}
         return stats
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler reads this every `scaling.metrics_interval_s` (see autoscaling.py)."""
         return self.load.stats()
 
     def info(self) -> dict[str, Any]:
-        return {"replica_id": self.replica_id, **self.engine.info()}
+        link = {"router_link": {"engine_steps": self.link.steps, "most_running": self.link.busiest,
+                                "snapshots": self.link.seq}} if self.link is not None else {}
+        return {"replica_id": self.replica_id, **self.engine.info(), **link}
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine core fails it, and Serve replaces the replica."""

@@ -118,6 +118,16 @@ def test_routers_read_the_engines_load_and_send_chats_ids_ahead(app, kv_app):
         assert sent["choices"][0]["message"]["content"] == own["choices"][0]["message"]["content"]
     assert used >= 5, (before, after)  # the first chat to a replica may find the router's pipe not up yet
     assert reports > 0
+    from ray import serve
+
+    from mistral_ray.options import LLM_DEPLOYMENT
+
+    handle = serve.get_deployment_handle(LLM_DEPLOYMENT, app_name=NAME)
+    handle._init(_run_router_in_separate_loop=True)
+    links = [handle.info.remote().result(timeout_s=60)["router_link"] for _ in range(6)]
+    print(f"replicas' links: {links}")
+    # the engine's own step counts reached the link (not only heartbeats of an idle gate)
+    assert any(link["engine_steps"] > 0 and link["most_running"] > 0 for link in links)
 
 
 def test_window_hits_at_block_size_32_give_the_reference_tokens(app, kv_app):

@@ -240,20 +240,27 @@ def test_a_routers_prompt_ids_reach_the_engine_only_from_behind_haproxy(monkeypa
 
     monkeypatch.setattr(replica, "haproxy_serves", lambda: trusted)  # HAProxy strips clients' router headers
     s = asyncio.run(server())
-    staged = {b"k1": [7, 8, 9]}
-    async def take(key):
-        return staged.pop(key, None)
+    from mistral_ray.routing.prompts import body_digest
+
+    chat = {"model": "tiny-mistral", "messages": [{"role": "user", "content": "hi"}]}
+    sent = json.dumps(chat).encode()
+    staged = {b"k1": (body_digest(sent), [7, 8, 9]), b"k2": (body_digest(b"another body"), [1])}
+
+    async def take(key, digest):  # the link's rule: ids only for the body they were computed from
+        entry = staged.pop(key, None)
+        return entry[1] if entry is not None and entry[0] == digest else None
 
     s.link = SimpleNamespace(prompt_ids=take, close=lambda: None)
     forwarded = []
     s.metrics.prompt_forwarded = lambda route, used: forwarded.append((route, used))
-    chat = {"model": "tiny-mistral", "messages": [{"role": "user", "content": "hi"}]}
-    first = call(s, "POST", "/v1/chat/completions", json=chat, headers={PROMPT_HEADER: "k1"}).json()
-    second = call(s, "POST", "/v1/chat/completions", json=chat, headers={PROMPT_HEADER: "k1"}).json()
-    plain = call(s, "POST", "/v1/chat/completions", json=chat).json()
+    post = lambda key=None: call(s, "POST", "/v1/chat/completions", content=sent,  # noqa: E731
+                                 headers={PROMPT_HEADER: key, "content-type": "application/json"} if key else
+                                 {"content-type": "application/json"}).json()
+    first, second, other, plain = post("k1"), post("k1"), post("k2"), post()
     assert first["prompt_ids"] == ([7, 8, 9] if trusted else None)
     assert second["prompt_ids"] is None and plain["prompt_ids"] is None  # taken once; none asked
-    assert forwarded == ([("chat", True), ("chat", False)] if trusted else [])
+    assert other["prompt_ids"] is None  # staged for another body
+    assert forwarded == ([("chat", True), ("chat", False), ("chat", False)] if trusted else [])
 
 
 @pytest.mark.parametrize("body, status, code, param", [
@@ -393,7 +400,7 @@ def test_load_counts_waiting_running_windowed_kv_and_arrivals():
                                                    headers={PICKER_HEADER: "router-1"}))
             while not s.engine_ref.started:
                 await asyncio.sleep(0.01)
-            stats = s.record_routing_stats()
+            stats = await s.record_routing_stats()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         return s, stats
@@ -403,7 +410,7 @@ def test_load_counts_waiting_running_windowed_kv_and_arrivals():
     # KV counts min(length, W=64) per sequence on 4 x 32 = 128 token slots.
     assert stats["kv_usage"] == pytest.approx(64 / 128)
     assert stats["arrivals"] == {"router-1": 1}
-    assert set(s.record_autoscaling_stats()) == {"waiting", "running", "kv_usage"}
+    assert set(asyncio.run(s.record_autoscaling_stats())) == {"waiting", "running", "kv_usage"}
 
 
 def test_serving_modules_do_not_import_vllm_or_torch():
@@ -493,11 +500,11 @@ def test_no_routing_state_from_unauthenticated_requests_and_pickers_are_bounded(
     for i in range(5):
         assert call(s, "POST", "/v1/completions", json={"prompt": "x"}, headers={PICKER_HEADER: f"fake-{i}"}
                     ).status_code == 401
-    assert s.record_routing_stats()["arrivals"] == {}
+    assert asyncio.run(s.record_routing_stats())["arrivals"] == {}
     for i in range(MAX_PICKERS + 10):
         s.load.arrived(f"router-{i}")
     s.load.arrived("x" * 1000)
-    arrivals = s.record_routing_stats()["arrivals"]
+    arrivals = asyncio.run(s.record_routing_stats())["arrivals"]
     assert len(arrivals) == MAX_PICKERS and "router-0" not in arrivals and f"router-{MAX_PICKERS + 9}" in arrivals
 
 
@@ -511,7 +518,7 @@ def test_a_batch_counts_its_sequences_in_the_load():
             while not s.engine_ref.started:
                 await asyncio.sleep(0.01)
             (seq,) = s.load.sequences
-            stats = s.record_routing_stats()
+            stats = await s.record_routing_stats()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         return seq, stats
