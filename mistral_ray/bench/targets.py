@@ -72,6 +72,7 @@ class Target:
     proc: Optional[subprocess.Popen] = None
     metrics_lag_s: float = 0.0  # how long a counter takes to show there
     headers: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {BENCH_KEY}"})
+    replicas: int = 1  # ours: ready once this many replicas answered (their replica header)
 
     def session(self) -> list:
         """Every live process of the target's session: the server, and for Ray targets the whole local
@@ -192,6 +193,7 @@ def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 
     if kind == "ours":
         policy, _, n = rest.partition(":")
         target = _ours(files, policy or "pow2", int(n or replicas), workdir, engine)
+        target.replicas = int(n or replicas)
     elif kind == "vllm":
         target = _vllm(files, workdir, engine)
     elif kind == "ray-serve-llm":
@@ -214,21 +216,35 @@ def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 
     return target
 
 
-def _wait(target: Target, timeout_s: float, model: str = "tiny-mistral") -> None:
-    """Ready means a one-token completion comes back: the same test for every kind of server."""
+def _wait(target: Target, timeout_s: float, model: str = "tiny-mistral", settle_s: float = 5.0) -> None:
+    """Ready means a one-token completion comes back: the same test for every kind of server. Ours with
+    several replicas is ready once each has answered and HAProxy has had `settle_s` to load them into its map
+    (the test fixtures' rule): the app serves as soon as one replica is up, but its router and HAProxy learn
+    of the others a moment later, and a level measured meanwhile sends its first requests to one replica (a
+    pick for a replica missing from HAProxy's map goes elsewhere; the sticky chat sessions of an affinity
+    policy stay where they started for the run: 63/33 on a uniform load before this wait)."""
     import httpx
+
+    from mistral_ray.server.errors import REPLICA_HEADER
 
     deadline = time.monotonic() + timeout_s
     body = {"model": model, "prompt": "ready?", "max_tokens": 1}
+    answered: set = set()
     while time.monotonic() < deadline:
         if target.proc is not None and target.proc.poll() is not None:
             break
         try:
             r = httpx.post(f"{target.base_url}/v1/completions", json=body, headers=target.headers, timeout=30)
             if r.status_code == 200:
-                return
+                answered.add(r.headers.get(REPLICA_HEADER))
+                if len(answered) >= target.replicas:
+                    if target.replicas > 1:
+                        time.sleep(settle_s)
+                    return
+                continue
         except httpx.HTTPError:
             pass
         time.sleep(2)
     raise RuntimeError(f"target {target.label} did not become ready within {timeout_s:.0f}s "
-                       f"(exit code {target.proc.poll() if target.proc else None}); see its log in the work dir")
+                       f"(exit code {target.proc.poll() if target.proc else None}, {len(answered)} of "
+                       f"{target.replicas} replicas answered); see its log in the work dir")

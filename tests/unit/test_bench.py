@@ -134,3 +134,40 @@ def test_vllm_client_runs_the_same_levels_and_reads_into_our_rows(tmp_path):
     row = vllm_client.result("ours:kv_aware", "prefix_repetition", 8, report, 0.5)
     assert (row.target, row.requests, row.req_per_s, row.ttft_ms_p95, row.prefix_cache_hit_rate) == \
         ("ours:kv_aware [vllm bench]", 16, 8.0, 90.0, 0.5)
+
+
+def test_ours_is_ready_only_once_every_replica_answered():
+    """A level begun while the app knew one replica sent its sessions there for the whole run (63/33)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mistral_ray.bench.targets import Target, _wait
+    from mistral_ray.server.errors import REPLICA_HEADER
+
+    seen, one_replica = [], []
+
+    class Replicas(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header(REPLICA_HEADER, "a" if len(seen) <= 3 or one_replica else "b")  # the second comes up late
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Replicas)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = Target("ours:kv_aware", f"http://127.0.0.1:{server.server_port}", replicas=2)
+        _wait(target, timeout_s=20, settle_s=0)
+        assert seen == ["/v1/completions"] * 4
+        one_replica.append(True)
+        with pytest.raises(RuntimeError, match="1 of 2 replicas answered"):
+            _wait(target, timeout_s=0.5, settle_s=0)
+    finally:
+        server.shutdown()
+        server.server_close()
