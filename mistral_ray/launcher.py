@@ -29,7 +29,9 @@ class Running:
 
 _cluster: Optional[LocalCluster] = None
 _started: list = []  # the processes this process's Ray start created (GCS, raylets, ...): what stop() sweeps
+_gcs: list = []  # the head's GCS address, host and port
 SWEEP_GRACE_S = 5  # after Ray's own shutdown, how long its processes get to exit before they are killed
+SIGNAL_SETTLE_S = 0.5  # a signal sent to the whole process group reaches Ray's processes too: time to see it
 
 
 class StartError(RuntimeError):
@@ -107,6 +109,8 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
             _system_config={"metrics_report_interval_ms": obs.metrics_report_interval_ms},
         )
     _started[:] = [p for p in psutil.Process().children() if p.pid not in before]
+    host, _, gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")
+    _gcs[:] = [host.strip("[]"), int(gcs_port)]
     # Several nodes on one machine cannot all bind the HTTP port: one HAProxy, on the head, as in the
     # RayService's head-only ingress. One node: the file's choice.
     # The file's http_options as Serve reads them (timeouts, root path, ...), on the port asked for.
@@ -138,6 +142,13 @@ def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) 
     started = processes.tree(_started)
     graceful = True
     previous = _on_signals(signal.SIG_IGN) if app else {}
+    lost = bool(app) and _gcs_gone()
+    if lost:
+        # SIGTERM to the whole process group (`kill -TERM -<pgid>`, systemd's default, the bench): Ray's GCS
+        # and raylets got it too and are stopping, so Serve cannot drain anything; every call to the GCS would
+        # wait out its 60 s reconnect timeout, spinning a core (measured: 65 s to stop).
+        print("mistral-ray: Ray's own processes were stopped too; nothing to drain", flush=True)
+        app, graceful = None, False
     try:
         if app and ray.is_initialized():
             _on_signals(signal.default_int_handler)  # Ctrl-C (or SIGTERM) again: stop waiting
@@ -152,6 +163,8 @@ def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) 
                 _on_signals(signal.SIG_IGN)
         # What the drain started meanwhile (HAProxy reloads) goes too.
         started += [p for p in processes.tree(_started) if p not in started]
+        if lost:  # what is left of them goes now: Ray's shutdown would wait for each (11 s here)
+            processes.sweep(started, 0)
         if ray.is_initialized():
             try:
                 if graceful:
@@ -164,11 +177,27 @@ def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) 
             _cluster = None
         killed = processes.sweep(started, SWEEP_GRACE_S)
         _started.clear()
+        _gcs.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if killed:
             print(f"mistral-ray: killed {len(killed)} process(es) left after Ray's shutdown: {', '.join(killed)}",
                   flush=True)
+
+
+def _gcs_gone() -> bool:
+    """Whether the head's GCS has stopped serving (SIGNAL_SETTLE_S after the signal). A GCS that got SIGTERM
+    closes its port at once but may take a minute to exit, so its port is asked, not its process."""
+    import socket
+
+    if not _gcs:
+        return False
+    time.sleep(SIGNAL_SETTLE_S)
+    try:
+        socket.create_connection((_gcs[0], _gcs[1]), timeout=1).close()
+    except OSError:  # refused (or no answer): it is stopping
+        return True
+    return False
 
 
 def _on_signals(handler) -> dict:

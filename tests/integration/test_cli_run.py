@@ -1,5 +1,6 @@
 """`mistral-ray run` as a user runs it: it prints the ready line, serves, and a stop (Ctrl-C to its process
-group, or SIGTERM to it) lets the answer in flight finish and leaves no process of its session (Ray,
+group, or SIGTERM to it; SIGTERM to its group stops Ray's own processes too, so nothing is drained) lets the
+answer in flight finish and leaves no process of its session (Ray,
 HAProxy's reloaded workers, vLLM's EngineCore and workers) behind within 15 s, every time; the next start
 on the same port works. A start whose port is taken fails at once, in one line."""
 
@@ -85,12 +86,12 @@ def _lines(proc) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigterm-group"])
 def test_stop_with_an_answer_in_flight_leaves_nothing_every_time(tmp_path, how):
     port = free_port()
     config = _config(tmp_path, port)
     env = {**os.environ, **free_haproxy_ports()}
-    for attempt in range(3):
+    for attempt in range(2 if how == "sigterm-group" else 3):
         proc = _start(config, env)
         try:
             said = []
@@ -110,18 +111,23 @@ def test_stop_with_an_answer_in_flight_leaves_nothing_every_time(tmp_path, how):
             assert haproxies  # the fast path, by itself
             started = time.monotonic()
             # A terminal's Ctrl-C reaches the whole foreground process group; `kill` only the process.
+            # SIGTERM to the group (`kill -TERM -<pgid>`, systemd) stops Ray's GCS and raylet too: nothing can
+            # be drained then (65 s to stop before the launcher saw it: every GCS call waited for its timeout).
             if how == "ctrl-c":
                 os.killpg(proc.pid, signal.SIGINT)
-            else:
+            elif how == "sigterm":
                 proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
             lines = _lines(proc)
             client.join(60)
-            assert out.get("tokens") == ANSWER_TOKENS and out.get("finish") == "length", out  # not cut
+            if how != "sigterm-group":
+                assert out.get("tokens") == ANSWER_TOKENS and out.get("finish") == "length", out  # not cut
             while session_processes(proc.pid) and time.monotonic() - started < STOP_BOUND_S:
                 time.sleep(0.2)
             took = time.monotonic() - started
             left = [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in session_processes(proc.pid)]
-            print(f"\nstop {attempt + 1} by {how}: answer finished, no process left after {took:.1f}s "
+            print(f"\nstop {attempt + 1} by {how}: answer {out.get('finish') or 'cut'}, no process left after {took:.1f}s "
                   f"(started in {ready.split('started in ')[-1].strip()}")
             assert not left and took <= STOP_BOUND_S, (took, left, lines[-5:])
             assert proc.wait(5) == 0
