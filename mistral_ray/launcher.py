@@ -141,8 +141,8 @@ def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) 
     global _cluster
     started = processes.tree(_started)
     graceful = True
+    lost = bool(app) and _gcs_gone()  # before the signals are taken: a second one meanwhile goes to `again`
     previous = _on_signals(signal.SIG_IGN) if app else {}
-    lost = bool(app) and _gcs_gone()
     if lost:
         # SIGTERM to the whole process group (`kill -TERM -<pgid>`, systemd's default, the bench): Ray's GCS
         # and raylets got it too and are stopping, so Serve cannot drain anything; every call to the GCS would
