@@ -283,8 +283,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--input-len", type=int, default=DEFAULTS["input_len"], help="random: prompt tokens")
     b.add_argument("--output-len", type=int, default=DEFAULTS["output_len"], help="tokens per answer (both workloads)")
     b.add_argument("--vocab", type=int, default=DEFAULTS["vocab"], help="random: prompt token ids are drawn below this")
-    b.add_argument("--sessions", type=int, default=DEFAULTS["sessions"],
-                   help="chat: sessions per level (at least 2 x concurrency)")
+    b.add_argument("--conversations", "--sessions", dest="sessions", type=int, metavar="N", default=DEFAULTS["sessions"],
+                   help="chat: conversations per level (at least 2 x concurrency)")
     b.add_argument("--turns", type=int, default=DEFAULTS["turns"], help="chat: turns per session")
     b.add_argument("--system-prompts", type=int, default=DEFAULTS["system_prompts"],
                    help="chat: system prompts shared by sessions")

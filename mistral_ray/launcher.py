@@ -29,7 +29,7 @@ class Running:
 
 _cluster: Optional[LocalCluster] = None
 _started: list = []  # the processes this process's Ray start created (GCS, raylets, ...): what stop() sweeps
-_gcs: list = []  # the head's GCS address, host and port
+_gcs: Optional[tuple[str, int]] = None  # the head's GCS (host, port)
 SWEEP_GRACE_S = 5  # after Ray's own shutdown, how long its processes get to exit before they are killed
 SIGNAL_SETTLE_S = 0.5  # a signal sent to the whole process group reaches Ray's processes too: time to see it
 
@@ -83,7 +83,7 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
     return once it answers. `env`: the cluster environment to use instead of the config's (tests add
     per-machine ports). `workers` > 0: a head without replicas and that many worker nodes (RayService's
     shape); 0: one node that does everything."""
-    global _cluster
+    global _cluster, _gcs
     # Before Ray starts and before this process imports Serve: every Ray process reads these at import.
     os.environ.update(node_env(dep) if env is None else env)
     import ray
@@ -110,7 +110,7 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
         )
     _started[:] = [p for p in psutil.Process().children() if p.pid not in before]
     host, _, gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")
-    _gcs[:] = [host.strip("[]"), int(gcs_port)]
+    _gcs = (host.strip("[]"), int(gcs_port))
     # Several nodes on one machine cannot all bind the HTTP port: one HAProxy, on the head, as in the
     # RayService's head-only ingress. One node: the file's choice.
     # The file's http_options as Serve reads them (timeouts, root path, ...), on the port asked for.
@@ -138,7 +138,7 @@ def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) 
 
     from mistral_ray import processes
 
-    global _cluster
+    global _cluster, _gcs
     started = processes.tree(_started)
     graceful = True
     lost = bool(app) and _gcs_gone()  # before the signals are taken: a second one meanwhile goes to `again`
@@ -177,7 +177,7 @@ def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) 
             _cluster = None
         killed = processes.sweep(started, SWEEP_GRACE_S)
         _started.clear()
-        _gcs.clear()
+        _gcs = None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if killed:
@@ -194,7 +194,7 @@ def _gcs_gone() -> bool:
         return False
     time.sleep(SIGNAL_SETTLE_S)
     try:
-        socket.create_connection((_gcs[0], _gcs[1]), timeout=1).close()
+        socket.create_connection(_gcs, timeout=1).close()
     except OSError:  # refused (or no answer): it is stopping
         return True
     return False

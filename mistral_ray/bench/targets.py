@@ -107,35 +107,36 @@ class Target:
         cluster it started (HAProxy's reloaded workers too, which leave the server's process group)."""
         return session_processes(self.proc.pid)
 
-    def cpu_s(self) -> dict[int, tuple[str, float]]:
-        """CPU seconds (user + system) each live process of the target's session has used, by pid, with its
-        kind (`process_kind`)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return {}
-        import psutil
-
-        used = {}
-        for p in self.session():
-            try:
-                times = p.cpu_times()
-                used[p.pid] = (process_kind(" ".join(p.cmdline()) or p.name()), times.user + times.system)
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                continue
-        return used
-
-    def memory_mb(self) -> Optional[dict[str, float]]:
-        """RSS and PSS (shared pages split between the processes sharing them) of the target's session."""
+    def _read(self, read) -> Optional[list]:
+        """`read(process)` for each live process of the target's session that can be read (None: not running)."""
         if self.proc is None or self.proc.poll() is not None:
             return None
         import psutil
 
-        rss = pss = 0.0
+        found = []
         for p in self.session():
             try:
-                info = p.memory_full_info()
+                found.append((p.pid, read(p)))
             except (psutil.Error, ProcessLookupError, PermissionError):
                 continue
-            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+        return found
+
+    def cpu_s(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds (user + system) each live process of the target's session has used, by pid, with its
+        kind (`process_kind`)."""
+        def read(p):
+            times = p.cpu_times()
+            return process_kind(" ".join(p.cmdline()) or p.name()), times.user + times.system
+
+        return dict(self._read(read) or ())
+
+    def memory_mb(self) -> Optional[dict[str, float]]:
+        """RSS and PSS (shared pages split between the processes sharing them) of the target's session."""
+        infos = self._read(lambda p: p.memory_full_info())
+        if infos is None:
+            return None
+        rss = sum(info.rss for _, info in infos)
+        pss = sum(getattr(info, "pss", info.rss) for _, info in infos)
         return {"rss": rss / 2**20, "pss": pss / 2**20}
 
     def stop(self) -> None:

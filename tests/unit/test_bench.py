@@ -2,6 +2,7 @@
 hit-rate arithmetic from Prometheus text, the table, JSON and PNG plots, and bare vLLM's arguments."""
 
 import json
+import time
 
 import pytest
 
@@ -185,3 +186,25 @@ def test_cpu_per_request_by_process_kind():
     after = {1: ("engine", 12.0), 2: ("router", 1.5), 4: ("haproxy", 0.25)}  # 3 ended, 4 started: counts whole
     assert cpu_ms_per_request(before, after, 100) == {"engine": 20.0, "haproxy": 2.5, "router": 5.0, "total": 27.5}
     assert cpu_ms_per_request(before, {}, 100) is None and cpu_ms_per_request(before, after, 0) is None
+
+
+def test_cpu_and_memory_of_a_running_targets_session():
+    import subprocess
+    import sys
+
+    from mistral_ray.bench.targets import Target
+
+    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", busy], start_new_session=True)
+    try:
+        target = Target("x", "http://127.0.0.1:1", proc=proc)
+        deadline = time.monotonic() + 10
+        while target.cpu_s().get(proc.pid, ("", 0.0))[1] < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kind, seconds = target.cpu_s()[proc.pid]
+        assert kind == "other" and seconds >= 0.3
+        assert target.memory_mb()["rss"] > 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert target.cpu_s() == {} and target.memory_mb() is None  # not running: nothing to read

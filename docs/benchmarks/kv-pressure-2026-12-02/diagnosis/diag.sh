@@ -14,7 +14,7 @@ MPORT=$(awk '/metrics_export_port:/{print $2; exit}' "$TMP/ours.yaml")
 PID=$!
 for i in $(seq 1 120); do grep -q "mistral-ray ready" "$2.run.log" && break; sleep 2; done
 sleep 20  # both replicas in HAProxy's map
-.venv/bin/mistral-ray bench "http://127.0.0.1:$PORT" --target "$1" --workload chat --sessions 48 --turns 4 \
+.venv/bin/mistral-ray bench "http://127.0.0.1:$PORT" --target "$1" --workload chat --conversations 48 --turns 4 \
     --system-words 30 --user-words 60 --output-len 32 --concurrency 8 --no-progress > "$2.bench.log" 2>&1
 sleep 12  # a metrics report interval and more
 curl -s "http://127.0.0.1:$MPORT/metrics" > "$2.metrics"
