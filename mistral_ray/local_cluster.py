@@ -14,14 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from mistral_ray.config import ObservabilityConfig
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mistral_ray.ports import free_port
 
 
 @dataclass
@@ -35,7 +28,7 @@ class LocalCluster:
 
     def add_worker(self):
         """A worker node offering this machine's cores to LLM replicas, with its own metrics port."""
-        port = _free_port()
+        port = free_port()
         node = self.cluster.add_node(num_cpus=os.cpu_count(), metrics_export_port=port)
         self.metrics_ports.append(port)
         return node

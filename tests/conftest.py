@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from mistral_ray.bench.targets import free_port
+from mistral_ray.ports import free_port
 from mistral_ray.config import PROJECT_ROOT, load_deployment, parse_service
 from mistral_ray.options import node_env
 

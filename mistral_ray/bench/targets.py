@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import yaml
 
 from mistral_ray.config import PROJECT_ROOT, ServiceConfig, load_deployment, parse_service
 from mistral_ray.options import replica_env, vllm_args
+from mistral_ray.ports import free_port
 from mistral_ray.processes import die_with_parent
 
 LOCAL_CPU = PROJECT_ROOT / "deployments" / "local-cpu.yaml"
@@ -34,12 +34,6 @@ BENCH_KEY = "sk-bench-0000000000000000"  # the API key `ours` targets require an
 # ray.serve.llm's fastest mode, as its docs and the Ray release notes name it.
 DIRECT_STREAMING_ENV = {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_processes(sid: int) -> list:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from mistral_ray import launcher
-from mistral_ray.bench.targets import free_port
+from mistral_ray.ports import free_port
 from mistral_ray.config import parse_service
 from tests.conftest import CLUSTER_ENV, SESSION_DEPLOYMENT
 

@@ -1,6 +1,7 @@
 """What tests that start `mistral-ray` as a user would share: the processes of its session, free ports."""
 
-from mistral_ray.bench.targets import free_port, session_processes  # noqa: F401 (shared with the tests)
+from mistral_ray.bench.targets import session_processes  # noqa: F401 (shared with the tests)
+from mistral_ray.ports import free_port
 
 
 def free_haproxy_ports() -> dict[str, str]:

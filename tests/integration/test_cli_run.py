@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from mistral_ray.bench.targets import free_port
+from mistral_ray.ports import bindable, free_port
 from mistral_ray.config import PROJECT_ROOT
 from tests.conftest import LOCAL_CPU
 
@@ -90,7 +90,10 @@ def _lines(proc) -> list[str]:
 def test_stop_with_an_answer_in_flight_leaves_nothing_every_time(tmp_path, how):
     port = free_port()
     config = _config(tmp_path, port)
-    env = {**os.environ, **free_haproxy_ports()}
+    haproxy_ports = free_haproxy_ports()
+    env = {**os.environ, **haproxy_ports}
+    observability = yaml.safe_load(config.read_text())["applications"][0]["args"]["observability"]
+    ports = [port, *observability.values(), *map(int, haproxy_ports.values())]
     for attempt in range(2 if how == "sigterm-group" else 3):
         proc = _start(config, env)
         try:
@@ -130,6 +133,8 @@ def test_stop_with_an_answer_in_flight_leaves_nothing_every_time(tmp_path, how):
             print(f"\nstop {attempt + 1} by {how}: answer {out.get('finish') or 'cut'}, no process left after {took:.1f}s "
                   f"(started in {ready.split('started in ')[-1].strip()}")
             assert not left and took <= STOP_BOUND_S, (took, left, lines[-5:])
+            # nothing outside the session holds what it listened on either: the next start binds them again
+            assert all(bindable(p) for p in ports), [p for p in ports if not bindable(p)]
             assert proc.wait(5) == 0
         finally:
             for p in session_processes(proc.pid):

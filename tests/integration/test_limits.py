@@ -21,7 +21,7 @@ LIMITS = dict(requests_per_minute=20, tokens_per_minute=3000, max_body_bytes=64 
 
 @pytest.fixture(scope="module")
 def limited(app, tmp_path_factory):
-    with keyed_app(app, NAME, KEYS, tmp_path_factory.mktemp("keys"), limits=LIMITS, request_timeout_s=2) as served:
+    with keyed_app(app, NAME, KEYS, tmp_path_factory.mktemp("keys"), limits=LIMITS, request_timeout_s=1) as served:
         yield served
 
 
@@ -99,7 +99,8 @@ def test_size_limits(limited):
 def test_timeout_gives_504_and_frees_the_engine(limited, app):
     url, model = limited
     start = time.monotonic()
-    r = post(url, "sizes", {"model": model, "prompt": "slow", "max_tokens": 600, "ignore_eos": True, "n": 2})
+    # 800 tokens twice took 2.3-3.1 s on this machine (2 cores), 600 twice 1.8-1.9 s: a 2 s timeout let it pass
+    r = post(url, "sizes", {"model": model, "prompt": "slow", "max_tokens": 800, "ignore_eos": True, "n": 2})
     assert_error(r, 504, "timeout")
     assert time.monotonic() - start < 10
     r = post(url, "sizes", {"model": model, "prompt": "after", "max_tokens": 2})

@@ -13,7 +13,7 @@ import openai
 import pytest
 import yaml
 
-from mistral_ray.bench.targets import free_port
+from mistral_ray.ports import free_port
 from mistral_ray.config import PROJECT_ROOT
 from mistral_ray.server.errors import REPLICA_HEADER
 from tests.conftest import CLUSTER_ENV, LOCAL_CPU

@@ -10,7 +10,7 @@ import textwrap
 
 import psutil
 
-from mistral_ray.bench.targets import free_port
+from mistral_ray.ports import free_port
 from mistral_ray.engine.fate_share import ENV
 
 SPAWNER = textwrap.dedent("""

@@ -18,13 +18,8 @@ import httpx
 import openai
 import pytest
 
+from mistral_ray.ports import free_port
 from mistral_ray.proxy.haproxy import guarded
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _event(i: int) -> bytes:
@@ -42,7 +37,7 @@ class Upstream:
     [DONE]. Records what it saw."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.left: list[float] = []  # when a slow stream's client was found gone
         self.heads: list[bytes] = []  # every request's head, as HAProxy forwarded it
         self.bodies: list[bytes] = []
@@ -100,8 +95,8 @@ class Upstream:
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
     up = Upstream()
-    down = _free_port()  # nothing listens there
-    port, metrics, stats = _free_port(), _free_port(), _free_port()
+    down = free_port()  # nothing listens there
+    port, metrics, stats = free_port(), free_port(), free_port()
     work = tmp_path_factory.mktemp("haproxy")
     (work / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
                                    "Content-Length: 21\r\n\r\nInternal Server Error")
