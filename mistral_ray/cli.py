@@ -43,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
             ports = running.cluster.metrics_ports
             print(f"mistral-ray: head (Serve, HAProxy, ingress router) metrics port {ports[0]}; "
                   + "; ".join(f"worker {i + 1} metrics port {p}" for i, p in enumerate(ports[1:])), flush=True)
+        address = _address_file(dep, args.port)
+        address.parent.mkdir(parents=True, exist_ok=True)
+        address.write_text(running.gcs_address)  # for `mistral-ray deploy` of this file
         print(f"mistral-ray ready: {running.base_url}/v1 (started in {running.startup_s:.1f}s)", flush=True)
         while not stop.wait(1):
             pass
@@ -56,7 +59,39 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("mistral-ray: interrupted, shutting down ...", flush=True)
     finally:
+        _address_file(dep, args.port).unlink(missing_ok=True)
         launcher.stop(drain, again=lambda: bool(again))
+    return 0
+
+
+def _address_file(dep, port):
+    from mistral_ray.config import STATE_DIR
+
+    return STATE_DIR / "run" / f"{dep.http.host}-{port or dep.http.port}.gcs"
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    """Deploy a changed file to the cluster `mistral-ray run` started for it (found by its HTTP address)."""
+    import os
+
+    from mistral_ray import launcher
+    from mistral_ray.options import node_env
+
+    dep = load_deployment(args.config)
+    address = _address_file(dep, args.port)
+    if not address.exists():
+        print(f"mistral-ray deploy: no `mistral-ray run` serves {dep.http.host}:{args.port or dep.http.port} "
+              "on this machine", file=sys.stderr)
+        return 1
+    os.environ.update(node_env(dep))  # before Ray is imported: this driver joins that cluster as its nodes are
+    import ray
+
+    ray.init(address=address.read_text().strip(), namespace="mistral-ray", log_to_driver=False)
+    try:
+        launcher.deploy(dep, args.timeout)
+    finally:
+        ray.shutdown()
+    print(f"mistral-ray: deployed {dep.path} ({len(dep.live.adapters)} adapter(s))", flush=True)
     return 0
 
 
@@ -220,6 +255,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--ready-timeout", type=float, default=None,
                      help="seconds to wait for a replica (default: the file's scaling.start_timeout_s)")
     run.set_defaults(func=_run)
+    dp = sub.add_parser("deploy", help="deploy a changed deployment file to the app `mistral-ray run` serves from "
+                        "it: a change of the LLM deployment's user_config (adapters) applies in place, of args "
+                        "restarts the replicas")
+    dp.add_argument("config")
+    dp.add_argument("--port", type=int, default=None, help="the run's --port, when it was given one")
+    dp.add_argument("--timeout", type=float, default=600, help="seconds to wait for Serve to apply it")
+    dp.set_defaults(func=_deploy)
     tiny = sub.add_parser("tiny-model", help="the embedded tiny Mistral")
     tiny_sub = tiny.add_subparsers(dest="action", required=True)
     build = tiny_sub.add_parser("build", help="build it into DIR (skipped when present)")

@@ -20,6 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # builds applications in worker processes whose cwd is not the user's.
 STATE_DIR = PROJECT_ROOT / ".state"
 APP_IMPORT_PATH = "mistral_ray.app:build_app"
+LLM_DEPLOYMENT = "LLMServer"  # the replicas' deployment: its `user_config` in a file is an AdaptersConfig
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,51 @@ class ModelConfig(_Strict):
             return str(path if path.is_absolute() else (PROJECT_ROOT / path).resolve())
         local = PROJECT_ROOT / path
         return str(local.resolve()) if local.exists() else self.source
+
+
+class LoraConfig(_Strict):
+    """The engine's LoRA slots (vLLM --enable-lora and its settings); the adapters themselves are the LLM
+    deployment's `user_config` (`AdaptersConfig`), which changes without restarting a replica."""
+
+    max_loras: int = Field(2, ge=1, description="Adapters one engine batch can mix (vLLM --max-loras): each "
+                           "holds a slot of weights on the device; more adapters wait for a slot, least recently "
+                           "used out.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank served (vLLM --max-lora-rank); an "
+                               "adapter of higher rank is refused when the config names it.")
+    max_cpu_loras: Optional[int] = Field(
+        None, ge=1, description="Adapters kept loaded in host memory per replica (vLLM --max-cpu-loras), least "
+        "recently used out; null: max_loras. Others are read from their source again when asked for.")
+
+    @model_validator(mode="after")
+    def _cpu_holds_the_slots(self) -> "LoraConfig":
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
+
+class AdapterConfig(_Strict):
+    source: str = Field(..., min_length=1, description="The adapter's directory in PEFT format (relative paths "
+                        "are from the project root; on Kubernetes a mounted volume) or a Hugging Face repo id.")
+    build_tiny: bool = Field(
+        False, description="Write a random LoRA adapter for the embedded tiny Mistral at `source` when that "
+        "directory is missing or empty (seeded by the adapter's name; for laptops and tests).")
+
+    @model_validator(mode="after")
+    def _tiny_needs_a_local_path(self) -> "AdapterConfig":
+        ModelConfig(source=self.source, build_tiny=self.build_tiny)  # the same rule as the base model's
+        return self
+
+    def resolved_source(self) -> str:
+        return ModelConfig(source=self.source).resolved_source()
+
+
+class AdaptersConfig(_Strict):
+    """The LLM deployment's `user_config`: what a replica changes in place when the file is deployed again
+    (Serve calls `reconfigure` on every running replica; a change of the application's `args` restarts them)."""
+
+    adapters: dict[str, AdapterConfig] = Field(
+        default_factory=dict, description="Adapter name (what clients send as `model`) -> where it is. Needs "
+        "`engine.lora`. Removing one: requests already running on it finish; new ones get 404.")
 
 
 class EngineConfig(_Strict):
@@ -118,6 +164,9 @@ class EngineConfig(_Strict):
         None, description="How tool calls are read from the model's text: `mistral` for Mistral's "
         "[TOOL_CALLS] format (vLLM's parser names: mistral, hermes, llama3_json, ...)."
     )
+    lora: Optional[LoraConfig] = Field(
+        None, description="Serve LoRA adapters of this model (listed in the LLM deployment's user_config, see "
+        "AdaptersConfig); null: none, and a file naming adapters is refused.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Any other `vllm serve` option, by its argument name (`--max-loras` "
         "is `max_loras`); an unknown name fails the replica's start naming it."
@@ -252,6 +301,16 @@ class RoutingConfig(_Strict):
         4.0, gt=0, description="Prompt characters per token, for KV accounting before the engine tokenizes."
     )
     stats_period_s: float = Field(0.5, gt=0, description="How often Serve reads each replica's load.")
+    adapter_spread: float = Field(
+        1.0, gt=0, description="With LoRA adapters (engine.lora): an adapter may be held by its share of the "
+        "requests times the replicas times this, rounded up (at least 1): at 1.0 an adapter with 60 % of the "
+        "traffic on 2 replicas uses both, one with 10 % stays on one replica. Requests for an adapter go to "
+        "replicas holding it; one more replica takes it while fewer hold it with room (routing/adapter_policy.py)."
+    )
+    adapter_window_s: float = Field(
+        30, gt=0, description="An adapter's share of the traffic counts each request for about this long "
+        "(exponentially decaying)."
+    )
     route_body_bytes: int = Field(
         65536, ge=16384, description="How much of a request body HAProxy hands the ingress router (prefix_affinity "
         "and the session policy's `user` field need it; pow2 gets none). A longer body is routed by load. It "
@@ -409,6 +468,7 @@ class DeploymentFile(BaseModel):
     app_name: str
     route_prefix: str
     service: ServiceConfig
+    live: AdaptersConfig = Field(default_factory=AdaptersConfig)  # the LLM deployment's user_config
 
     @property
     def base_url(self) -> str:
@@ -427,6 +487,23 @@ def parse_service(args: dict[str, Any] | None, where: str = "args") -> ServiceCo
         raise ConfigError("invalid mistral-ray config:\n" + "\n".join(lines)) from None
 
 
+def parse_adapters(user_config: dict[str, Any] | None, service: ServiceConfig,
+                   where: str = "user_config") -> AdaptersConfig:
+    """The LLM deployment's user_config, checked against the application it belongs to."""
+    try:
+        live = AdaptersConfig.model_validate(user_config or {})
+    except ValidationError as exc:
+        lines = [f"  {where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid mistral-ray config:\n" + "\n".join(lines)) from None
+    if live.adapters and service.engine.lora is None:
+        raise ConfigError(f"invalid mistral-ray config:\n  {where}.adapters: adapters need engine.lora in the "
+                          "application's args (the engine's LoRA slots)")
+    if service.model.name in live.adapters:
+        raise ConfigError(f"invalid mistral-ray config:\n  {where}.adapters.{service.model.name}: the base "
+                          "model's name cannot name an adapter")
+    return live
+
+
 def load_deployment(path: str | os.PathLike) -> DeploymentFile:
     path = Path(path)
     try:
@@ -439,11 +516,17 @@ def load_deployment(path: str | os.PathLike) -> DeploymentFile:
     app = apps[0]
     idx = raw["applications"].index(app)
     where = f"{path}: applications[{idx}].args"
+    service = parse_service(app.get("args"), where)
+    deployments = app.get("deployments") or []
+    llm = [i for i, d in enumerate(deployments) if isinstance(d, dict) and d.get("name") == LLM_DEPLOYMENT]
+    live = parse_adapters(deployments[llm[0]].get("user_config"), service,
+                          f"{path}: applications[{idx}].deployments[{llm[0]}].user_config") if llm else AdaptersConfig()
     return DeploymentFile(
         path=path,
         raw=raw,
         http=HttpOptions.model_validate(raw.get("http_options") or {}),
         app_name=app.get("name", "default"),
         route_prefix=app.get("route_prefix", "/"),
-        service=parse_service(app.get("args"), where),
+        service=service,
+        live=live,
     )

@@ -25,6 +25,7 @@ class Running:
     base_url: str  # e.g. http://127.0.0.1:8000 (no /v1)
     startup_s: float
     cluster: Optional[LocalCluster] = None  # with worker nodes: the head and workers this process runs
+    gcs_address: str = ""  # where a driver joins this cluster (`mistral-ray deploy`)
 
 
 _cluster: Optional[LocalCluster] = None
@@ -91,8 +92,6 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
 
     import psutil
 
-    from mistral_ray.app import build
-
     t0 = time.monotonic()
     port = port or dep.http.port
     obs = dep.service.observability
@@ -116,10 +115,55 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
     # The file's http_options as Serve reads them (timeouts, root path, ...), on the port asked for.
     serve.start(http_options={**(dep.raw.get("http_options") or {}), "host": dep.http.host, "port": port},
                 proxy_location="HeadOnly" if workers else dep.raw.get("proxy_location", "EveryNode"))
-    serve.run(build(dep.service), name=dep.app_name, route_prefix=dep.route_prefix, blocking=False)
+    deploy(dep, ready_timeout_s or dep.service.scaling.start_timeout_s)
     base = f"http://{dep.http.host}:{port}{dep.route_prefix.rstrip('/')}"
     wait_ready(base, ready_timeout_s or dep.service.scaling.start_timeout_s)
-    return Running(dep, base, time.monotonic() - t0, _cluster)
+    return Running(dep, base, time.monotonic() - t0, _cluster, ray.get_runtime_context().gcs_address)
+
+
+def deploy(dep: DeploymentFile, timeout_s: float = 600) -> None:
+    """Deploy the file's application as `serve deploy` does: Serve builds it from `import_path` and `args` and
+    applies the file's `deployments` overrides (the LLM deployment's `user_config`: its adapters). Deployed
+    again with only a `user_config` changed, the replicas reconfigure in place; a change of `args` restarts
+    them. The cluster's other applications deployed this way stay (a `serve deploy` file would list them all).
+    Returns once Serve has applied it (not once it answers); raises StartError when Serve could not."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    client = _get_global_client()
+    apps = [ServeApplicationSchema.model_validate(app["deployed_app_config"])
+            for name, app in (client.get_serve_details().get("applications") or {}).items()
+            if name != dep.app_name and app.get("deployed_app_config")]
+    apps.append(ServeApplicationSchema.model_validate(application(dep)))
+    client.deploy_apps(ServeDeploySchema(applications=apps))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(dep.app_name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise StartError(f"Serve could not deploy {dep.app_name!r}: {status.message}")
+        if status is not None and status.status == "RUNNING" and _settled(status):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"application {dep.app_name!r} not running within {timeout_s:.0f}s")
+
+
+def application(dep: DeploymentFile) -> dict:
+    """The file's application as Serve's config schema reads it, with the args and the LLM deployment's
+    user_config as validated (and as the caller may have changed them: the CLI's options, tests)."""
+    from mistral_ray.config import APP_IMPORT_PATH, LLM_DEPLOYMENT
+
+    app = dict(next(a for a in dep.raw["applications"] if a.get("import_path") == APP_IMPORT_PATH))
+    deployments = [d for d in app.get("deployments") or [] if d.get("name") != LLM_DEPLOYMENT]
+    llm = next((d for d in app.get("deployments") or [] if d.get("name") == LLM_DEPLOYMENT), {})
+    deployments.append({**llm, "name": LLM_DEPLOYMENT, "user_config": dep.live.model_dump(mode="json")})
+    return {**app, "name": dep.app_name, "route_prefix": dep.route_prefix,
+            "args": dep.service.model_dump(mode="json"), "deployments": deployments}
+
+
+def _settled(status) -> bool:
+    """Every deployment of the app has its target replicas at the version just deployed."""
+    return all(d.status == "HEALTHY" for d in status.deployments.values())
 
 
 def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) -> None:

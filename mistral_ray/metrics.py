@@ -114,11 +114,13 @@ class RequestMetrics:
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
 
-    def finished(self, route: str, status: int | str, key_id: str) -> None:
+    # `model` below: the base model or the LoRA adapter a request named (the gate admits only those the
+    # config lists, so the label set stays bounded); the base model where none was admitted.
+    def finished(self, route: str, status: int | str, key_id: str, model: str | None = None) -> None:
         n = self._in_flight.get(route, 1) - 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
-        self.requests.inc(tags={"route": route, "model": self.model, "status": str(status),
+        self.requests.inc(tags={"route": route, "model": model or self.model, "status": str(status),
                                 "key_id": self.key_label(key_id)})
 
     def key_label(self, key_id: str) -> str:
@@ -126,11 +128,12 @@ class RequestMetrics:
             return "all"
         return key_id if key_id in self._keys else "other"
 
-    def first_token(self, route: str, seconds: float) -> None:
-        self.ttft.observe(seconds, tags={"route": route, "model": self.model})
+    def first_token(self, route: str, seconds: float, model: str | None = None) -> None:
+        self.ttft.observe(seconds, tags={"route": route, "model": model or self.model})
 
-    def completed(self, route: str, stream: bool, seconds: float) -> None:
-        self.e2e.observe(seconds, tags={"route": route, "model": self.model, "stream": "true" if stream else "false"})
+    def completed(self, route: str, stream: bool, seconds: float, model: str | None = None) -> None:
+        self.e2e.observe(seconds, tags={"route": route, "model": model or self.model,
+                                        "stream": "true" if stream else "false"})
 
     def reject(self, route: str, reason: str) -> None:
         assert reason in REJECT_REASONS, reason
@@ -145,9 +148,9 @@ class RequestMetrics:
     def prompt_forwarded(self, route: str, used: bool) -> None:
         self.prompts_forwarded.inc(tags={"route": route, "model": self.model, "outcome": "used" if used else "missed"})
 
-    def count_tokens(self, route: str, prompt: int, completion: int) -> None:
-        self.tokens.inc(prompt, tags={"route": route, "model": self.model, "direction": "in"})
-        self.tokens.inc(completion, tags={"route": route, "model": self.model, "direction": "out"})
+    def count_tokens(self, route: str, prompt: int, completion: int, model: str | None = None) -> None:
+        self.tokens.inc(prompt, tags={"route": route, "model": model or self.model, "direction": "in"})
+        self.tokens.inc(completion, tags={"route": route, "model": model or self.model, "direction": "out"})
 
 
 class RoutingMetrics:

@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from mistral_ray.config import STATE_DIR, DeploymentFile, ServiceConfig
+from mistral_ray.config import LLM_DEPLOYMENT, STATE_DIR, DeploymentFile, ServiceConfig
 from mistral_ray.engine.fate_share import ENV as FATE_SHARE_ENV
 from mistral_ray.engine.step_wait import ENV as STEP_WAIT_ENV
 from mistral_ray.proxy import GUARD_ENV
 
-LLM_DEPLOYMENT = "LLMServer"
 INGRESS_ROUTER_DEPLOYMENT = "IngressRouter"
 QUOTA_DEPLOYMENT = "QuotaBank"
 # Serve imports these by path on the controller and in every handle.
@@ -53,6 +52,9 @@ def vllm_args(cfg: ServiceConfig) -> dict[str, Any]:
     )
     if e.device == "cuda":
         args["gpu_memory_utilization"] = e.gpu_memory_utilization
+    if e.lora is not None:  # the adapters come from the deployment's user_config, at run time
+        args.update(enable_lora=True, max_loras=e.lora.max_loras, max_lora_rank=e.lora.max_lora_rank,
+                    max_cpu_loras=e.lora.max_cpu_loras)
     args.update(e.extra_args)
     if cfg.router.routing.policy == "kv_aware":
         # The engine publishes what it caches (tcp://*:0: the node's address, VLLM_HOST_IP, on a free port;
@@ -100,7 +102,8 @@ def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[s
     placement = {"RAY_SERVE_USE_COMPACT_SCHEDULING_STRATEGY": "1" if cfg.scaling.placement == "pack" else "0"}
     if not r.haproxy:
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **placement}
-    needs_body = r.routing.policy != "pow2"  # prefix digests, or the body's `user` as the session
+    # prefix digests, the body's `user` as the session, or the adapter a request names as its `model`
+    needs_body = r.routing.policy != "pow2" or cfg.engine.lora is not None
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # Replica user code on the replica's own event loop, gRPC between Ray processes, direct ingress.
@@ -182,7 +185,8 @@ def llm_deployment_options(cfg: ServiceConfig) -> dict[str, Any]:
         graceful_shutdown_wait_loop_s=1,
         request_router_config=dict(
             request_router_class=REQUEST_ROUTER,
-            request_router_kwargs={**routing.model_dump(), "metrics": cfg.observability.request_metrics},
+            request_router_kwargs={**routing.model_dump(), "metrics": cfg.observability.request_metrics,
+                                   "adapters": cfg.engine.lora is not None},
             request_routing_stats_period_s=routing.stats_period_s,
             request_routing_stats_timeout_s=max(1.0, routing.stats_period_s),
         ),

@@ -33,6 +33,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+from mistral_ray.engine.adapters import Adapters
 from mistral_ray.engine.requests import read
 from mistral_ray.engine.step_stats import Listener, StepStats
 from mistral_ray.routing.hint import PROBE_CHAT
@@ -172,6 +173,7 @@ class VLLMEngine:
                  probe: Optional[list[int]] = None):
         self.llm, self.state, self.args, self.tasks = llm, state, args, tasks
         self.probe = probe
+        self.adapters = Adapters(llm, state.openai_serving_models, llm.model_config.served_model_name)
         # One renderer serves every generation route (each serving holds this same object).
         _reject_overlong(state.online_renderer, llm.model_config, max_prompt_tokens)
         for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses",
@@ -224,6 +226,10 @@ class VLLMEngine:
         """A generation request as this vLLM's request models read it (the gate's limits judge this)."""
         return read(route, payload)
 
+    async def set_adapters(self, wanted: dict[str, str]) -> dict[str, list[str]]:
+        """Serve these LoRA adapters (name -> source) from now on (engine/adapters.py)."""
+        return await self.adapters.apply(wanted)
+
     def info(self) -> dict[str, Any]:
         """What the engine actually runs with, as vLLM resolved it (not what we asked for)."""
         cfg = self.llm.vllm_config
@@ -241,6 +247,8 @@ class VLLMEngine:
             "num_kv_blocks": cache.num_gpu_blocks,
             "prefix_caching": cache.enable_prefix_caching,
             "kv_events": self.kv_events(),
+            "adapters": sorted(self.adapters.names()),
+            "max_loras": cfg.lora_config.max_loras if cfg.lora_config is not None else 0,
         }
 
     def kv_events(self) -> Optional[dict[str, Any]]:

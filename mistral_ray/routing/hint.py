@@ -26,6 +26,7 @@ class RouteHint:
     picker: Optional[str] = None  # the ingress router that picks (its picks count as load until reported)
     tokens: tuple[int, ...] = ()  # kv_aware: the prompt's token ids as the engine will see them
     sendable: bool = False  # kv_aware: a chat whose `tokens` may replace its messages at the engine
+    adapter: Optional[str] = None  # the LoRA adapter the request names as its `model` (None: the base model)
     # kv_aware fills this while ranking: replica -> prompt tokens its engine would reuse (the ingress router
     # tells the chosen replica, which compares it with the engine's own count).
     predicted: dict = field(default_factory=dict, compare=False, hash=False)
@@ -65,11 +66,12 @@ def is_follow_up(route: str, payload: dict[str, Any]) -> bool:
     return any(isinstance(m, dict) and m.get("role") in ("assistant", "tool") for m in _items(payload.get("messages")))
 
 
-def prefix_blocks(text: str, block_chars: int, max_blocks: int) -> tuple[bytes, ...]:
+def prefix_blocks(text: str, block_chars: int, max_blocks: int, adapter: Optional[str] = None) -> tuple[bytes, ...]:
     """Chained digests of the text's whole leading blocks: block i's digest covers blocks 0..i, so equal
-    digests mean equal prefixes (as vLLM's block hashes do, in characters since the router has no tokenizer)."""
+    digests mean equal prefixes (as vLLM's block hashes do, in characters since the router has no tokenizer).
+    An adapter's blocks chain from its name: its KV is its own (vLLM hashes the adapter into its blocks too)."""
     digests: list[bytes] = []
-    previous = b""
+    previous = hashlib.blake2b(adapter.encode("utf-8", "surrogatepass"), digest_size=8).digest() if adapter else b""
     data = text.encode("utf-8", "surrogatepass")
     for i in range(min(len(data) // block_chars, max_blocks)):
         previous = hashlib.blake2b(previous + data[i * block_chars:(i + 1) * block_chars], digest_size=8).digest()
@@ -136,34 +138,40 @@ Tokenize = Callable[[str, dict], Optional[tuple[int, ...]]]
 
 
 def hint_from_body(body: bytes, session: Optional[str], block_chars: int, max_blocks: int,
-                   picker: Optional[str] = None, tokenize: Optional[Tokenize] = None) -> RouteHint:
+                   picker: Optional[str] = None, tokenize: Optional[Tokenize] = None,
+                   base_model: Optional[str] = None) -> RouteHint:
     """The routing hint of a request. A body that is missing, truncated, unparsable or of a shape no check
     has refused yet gives a hint with no prefix: the policy then goes by load (and the session header).
-    `tokenize` (kv_aware's `PromptTokens.of`) adds the prompt's token ids when it can tell them."""
+    `tokenize` (kv_aware's `PromptTokens.of`) adds the prompt's token ids when it can tell them.
+    `base_model` (set when the app serves LoRA adapters): a `model` other than it names an adapter."""
     try:
-        return _hint(body, session, block_chars, max_blocks, picker, tokenize)
+        return _hint(body, session, block_chars, max_blocks, picker, tokenize, base_model)
     except (RecursionError, ValueError, TypeError, AttributeError):
         return RouteHint(session=session, picker=picker)
 
 
 def _hint(body: bytes, session: Optional[str], block_chars: int, max_blocks: int,
-          picker: Optional[str], tokenize: Optional[Tokenize] = None) -> RouteHint:
+          picker: Optional[str], tokenize: Optional[Tokenize] = None, base_model: Optional[str] = None) -> RouteHint:
     payload = parse_object(body)
     route = route_of(payload)
+    model = payload.get("model") if payload is not None else None
+    adapter = model if base_model and isinstance(model, str) and model != base_model else None
     if payload is None or route is None:
-        return RouteHint(session=session, picker=picker)
+        return RouteHint(session=session, picker=picker, adapter=adapter)
     user = payload.get("user")
     text = prompt_text(route, payload)
     tokens = None
-    if tokenize is not None:
+    # An adapter's KV blocks are hashed with its name and path as extra keys, which the router does not
+    # compute: kv_aware ranks adapter requests by the text prefix (chained from the adapter) instead.
+    if tokenize is not None and adapter is None:
         try:
             tokens = tokenize(route, payload)
         except Exception:  # a template or tokenizer error on a body no check has seen: the text prefix decides
             tokens = None
-    return RouteHint(prefix_blocks(text, block_chars, max_blocks),
+    return RouteHint(prefix_blocks(text, block_chars, max_blocks, adapter),
                      session or (user if isinstance(user, str) else None), len(text),
                      is_follow_up(route, payload), picker, tokens or (),
-                     bool(tokens) and route == "chat" and sendable(payload))
+                     bool(tokens) and route == "chat" and sendable(payload), adapter)
 
 
 def route_of(payload: Optional[dict[str, Any]]) -> Optional[str]:

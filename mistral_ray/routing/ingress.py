@@ -79,6 +79,7 @@ class IngressRouter:
         self.metrics = RouteLatency(serve.get_replica_context().app_name, self.routing.policy,
                                       enabled=cfg.observability.request_metrics)
         self.tokens = self.prompts = None
+        self.base_model = cfg.model.name if cfg.engine.lora is not None else None  # adapters may be asked for
         if self.routing.policy == "kv_aware":
             from mistral_ray.routing.prompts import PromptSender
             from mistral_ray.routing.tokens import PromptTokens
@@ -119,7 +120,7 @@ class IngressRouter:
         hint = hint_from_body(b"" if TRUNCATED_HEADER in headers else body,
                               session.decode("latin-1") if session else None,
                               self.routing.block_chars, self.routing.max_prefix_blocks, self.picker,
-                              self.tokens.of if self.tokens is not None else None)
+                              self.tokens.of if self.tokens is not None else None, self.base_model)
         # While Serve knows no replica this waits for one; HAProxy gives up after its router timeout (5 s)
         # and answers 503. (HAProxy only asks while it lists replicas: an app at zero replicas goes to Serve's
         # fallback proxy, which waits for the cold start.)

@@ -32,6 +32,7 @@ POLICIES = ("pow2", "prefix_affinity", "kv_aware", "session")
 ARRIVALS = "arrivals"  # a replica's routing stat: {picker id: requests it received from that picker}
 # A replica's routing stat under kv_aware: where its engine publishes KV events (routing/kv_feed.py).
 KV_EVENTS = "kv_events"
+ADAPTERS = "adapters"  # a replica's routing stat: the LoRA adapters its engine holds now
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Load:
     ongoing: int  # queued + running requests
     kv_usage: float = 0.0  # sliding-window-aware KV tokens / KV capacity, 0..1+
     average: Optional[float] = None  # `ongoing` averaged over the last moments (LoadAverage); None: ongoing
+    adapters: frozenset = frozenset()  # LoRA adapters its engine holds (adapter_policy.py)
 
 
 class LoadAverage:

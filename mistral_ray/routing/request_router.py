@@ -31,7 +31,8 @@ from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
 from mistral_ray.config import RoutingConfig
 from mistral_ray.metrics import RoutingMetrics
 from mistral_ray.routing.hint import RouteHint
-from mistral_ray.routing.policies import ARRIVALS, KV_EVENTS, Load, LoadAverage, Policy, make_policy
+from mistral_ray.routing.adapter_policy import AdapterAffinity
+from mistral_ray.routing.policies import ADAPTERS, ARRIVALS, KV_EVENTS, Load, LoadAverage, Policy, make_policy
 
 
 def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
@@ -49,9 +50,9 @@ def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
 class LLMRequestRouter(FIFOMixin, RequestRouter):
     """`request_router_config.request_router_class` of the LLM deployment."""
 
-    def initialize_state(self, metrics: bool = True, **routing: Any) -> None:
+    def initialize_state(self, metrics: bool = True, adapters: bool = False, **routing: Any) -> None:
         """`routing`: the config's `router.routing` section (request_router_kwargs); defaults live there.
-        `metrics`: observability.request_metrics."""
+        `metrics`: observability.request_metrics. `adapters`: the app serves LoRA adapters (engine.lora)."""
         cfg = RoutingConfig(**routing)
         self.metrics = RoutingMetrics(self._deployment_id.app_name, cfg.policy, enabled=metrics)
         self.feed = None
@@ -62,6 +63,9 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         self.policy: Policy = make_policy(
             cfg.policy, imbalance=cfg.imbalance, imbalance_ratio=cfg.imbalance_ratio, kv_limit=cfg.kv_limit,
             index_blocks=cfg.index_blocks, max_sessions=cfg.max_sessions, feed=self.feed)
+        if adapters:
+            self.policy = AdapterAffinity(self.policy, cfg.adapter_spread, cfg.adapter_window_s,
+                                          placed_s=max(1.0, 4 * cfg.stats_period_s))
         self.in_flight: Counter[str] = Counter()  # sent through Serve, not completed (proxy path)
         self.picks: dict[str, Counter[str]] = {}  # picker -> replica -> picks (ingress-router path)
         # Picks of the last few reports' time: a pick that never arrives (HAProxy sent it elsewhere after a
@@ -94,7 +98,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             unseen = min(picks[rid] - arrived, self._recent(rid))
         ongoing = max(reported + unseen, self.in_flight.get(rid, 0))
         average = self.average.update(rid, ongoing, time.monotonic())
-        return Load(rid, ongoing, kv, average)
+        return Load(rid, ongoing, kv, average, frozenset(stats.get(ADAPTERS) or ()))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None

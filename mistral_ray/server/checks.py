@@ -41,6 +41,7 @@ class Admitted:
     charge: Optional[Charge] = None
     hide_usage: bool = False  # we asked vLLM for the stream's usage chunk; the client did not
     received: bytes = b""  # the body as the client sent it
+    model: Optional[str] = None  # the base model or the adapter it named (its metrics' label)
 
     def __post_init__(self):
         self.received = self.received or self.body
@@ -116,6 +117,7 @@ class Checks:
         self.cfg, self.keys, self.quota, self.load, self.read = cfg, keys, quota, load, read
         self.limits = cfg.router.limits
         self.context = context  # the engine's context length, as it resolved it (engine.max_model_len may be null)
+        self.models = frozenset({cfg.model.name})  # the base model and the adapters it serves now (reconfigure)
 
     def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
         """The caller's key id ("none" with keys off or on a probe)."""
@@ -153,7 +155,7 @@ class Checks:
 
     def check_model(self, payload: dict[str, Any]) -> None:
         model = payload.get("model")
-        if model is not None and model != self.cfg.model.name:
+        if model is not None and (not isinstance(model, str) or model not in self.models):
             raise Refused(404, f"The model `{model}` does not exist.", param="model", code="model_not_found",
                           reason="model_not_found")
 
@@ -175,8 +177,9 @@ class Checks:
         payload = parse(body)
         self.check_model(payload)
         check_shape(route.label, payload)
+        model = payload.get("model")  # one this replica serves (check_model), or None: the base model
         if not route.generation:
-            return Admitted(route, key_id, body)
+            return Admitted(route, key_id, body, model=model)
         check_fields(payload)
         request = self.generation(route.label, payload)
         check_sizes(request, self.limits)
@@ -186,7 +189,9 @@ class Checks:
         if seq is None:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
-        admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq)
+        admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model)
+        if model is not None and model != cfg.model.name:
+            self.load.used(model)
         try:
             if self.quota is not None:  # the slot is held while the bank answers: arrivals meanwhile see it
                 admitted.charge = await self.quota.admit(key_id, requested_tokens(

@@ -151,7 +151,7 @@ class Gate:
             status = 500
             await self.answer(send, 500, Refused(500, "the replica failed the request", code="internal_error").body())
         finally:
-            self.metrics.finished(route.label, status, key_id)
+            self.metrics.finished(route.label, status, key_id, request.model if request is not None else None)
             if request is not None:
                 if request.seq is not None:
                     self.load.remove(request.seq)
@@ -245,7 +245,7 @@ class Exchange:
                     return  # the usage chunk we asked for; the client did not
         if not more and self.status < 400 and self.request.route.generation:
             self.gate.metrics.completed(self.request.route.label, self.request.stream,
-                                        time.perf_counter() - self.start)
+                                        time.perf_counter() - self.start, self.request.model)
         await self._send(message)
 
     def _first(self) -> None:
@@ -253,12 +253,13 @@ class Exchange:
         if self.seq is not None:
             self.seq.started = True
         if self.request.stream and self.request.route.generation:  # a unary answer's first byte is all of it
-            self.gate.metrics.first_token(self.request.route.label, time.perf_counter() - self.start)
+            self.gate.metrics.first_token(self.request.route.label, time.perf_counter() - self.start,
+                                          self.request.model)
 
     def _count(self, body: bytes) -> None:
         usage = usage_of(body)
         if usage is not None:
-            self.gate.metrics.count_tokens(self.request.route.label, *usage)
+            self.gate.metrics.count_tokens(self.request.route.label, *usage, model=self.request.model)
         if self.predicted is not None:
             cached = cached_of(body)
             if cached is not None:

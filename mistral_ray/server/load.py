@@ -16,7 +16,7 @@ from itertools import chain, repeat
 from typing import Callable, Optional
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
-from mistral_ray.routing.policies import ARRIVALS, kv_usage
+from mistral_ray.routing.policies import ADAPTERS, ARRIVALS, kv_usage
 
 
 MAX_PICKERS = 256  # ingress routers, one per node
@@ -43,6 +43,24 @@ class Inflight:
         self.sequences: set[Sequence] = set()
         self.arrivals: OrderedDict[str, int] = OrderedDict()
         self.on_change: Optional[Callable[[], None]] = None  # kv_aware's router link publishes each change
+        # The LoRA adapters the engine holds: those of its last `adapter_slots` adapter requests, least recently
+        # used out, as vLLM's own adapter cache (max_cpu_loras) keeps them. 0: the app serves no adapters.
+        self.adapter_slots = 0
+        self.adapters: OrderedDict[str, None] = OrderedDict()
+
+    def used(self, adapter: str) -> None:
+        """A request for `adapter` was admitted: the engine loads it (or keeps it) for that request."""
+        if not self.adapter_slots:
+            return
+        self.adapters[adapter] = None
+        self.adapters.move_to_end(adapter)
+        while len(self.adapters) > self.adapter_slots:
+            self.adapters.popitem(last=False)
+
+    def drop_adapters(self, served: set[str]) -> None:
+        """Adapters no longer served are not offered to routers (the engine's cache lets them go)."""
+        for name in [a for a in self.adapters if a not in served]:
+            del self.adapters[name]
 
     def arrived(self, picker: Optional[str]) -> None:
         if not picker or len(picker) > _PICKER_CHARS:
@@ -85,7 +103,10 @@ class Inflight:
         }
 
     def routing_stats(self) -> dict:
-        return {**self.stats(), ARRIVALS: dict(self.arrivals)}
+        stats = {**self.stats(), ARRIVALS: dict(self.arrivals)}
+        if self.adapter_slots:
+            stats[ADAPTERS] = list(self.adapters)
+        return stats
 
 
 def engine_load(running: int, waiting: int, width: int) -> tuple[int, int, int]:

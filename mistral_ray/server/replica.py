@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mistral_ray.config import ServiceConfig
+from mistral_ray.config import ServiceConfig, parse_adapters
 from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.metrics import RequestMetrics
 from mistral_ray.options import llm_deployment_options, vllm_args
@@ -34,6 +34,7 @@ class Engine(Protocol):
     def build_app(self) -> Any: ...
     def read_request(self, route: str, payload: dict) -> Generation: ...
     def info(self) -> dict[str, Any]: ...
+    async def set_adapters(self, wanted: dict[str, str]) -> dict[str, list[str]]: ...
     async def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -97,6 +98,8 @@ class LLMServer:
         self.kv_events = info.get("kv_events")
         kv_tokens = (info.get("num_kv_blocks") or 0) * (info.get("block_size") or 0)
         self.load = Inflight(info.get("sliding_window"), kv_tokens, cfg.scaling.max_ongoing_requests)
+        if cfg.engine.lora is not None:
+            self.load.adapter_slots = cfg.engine.lora.max_cpu_loras or cfg.engine.lora.max_loras
         if self.link is not None:
             self.link.start(self.load)
         keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
@@ -111,6 +114,22 @@ class LLMServer:
         bank = Quota(quota, cfg.router.limits.quota_timeout_s) if quota is not None else None
         self.checks = Checks(cfg, keys, bank, self.load, self.engine.read_request,
                              info.get("max_model_len") or cfg.engine.max_model_len or 0)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this with the deployment's `user_config` at start and whenever a deploy changes only it:
+        the adapters served change in place (config.AdaptersConfig), the replica and its engine stay."""
+        import asyncio
+
+        from mistral_ray import tiny_adapters
+
+        live = parse_adapters(user_config, self.cfg)
+        for name, adapter in live.adapters.items():
+            if adapter.build_tiny:
+                await asyncio.to_thread(tiny_adapters.ensure, adapter.resolved_source(), name)
+        changes = await self.engine.set_adapters({name: a.resolved_source() for name, a in live.adapters.items()})
+        self.adapter_errors = changes["failed"]  # kept out, named in info(); the others are served
+        self.checks.models = frozenset({self.cfg.model.name, *changes["served"]})
+        self.load.drop_adapters(set(changes["served"]))
 
     async def __serve_build_asgi_app__(self):
         """Serve's hook for a late-bound ingress app: built after the engine started."""
@@ -138,7 +157,8 @@ class LLMServer:
     def info(self) -> dict[str, Any]:
         link = {"router_link": {"engine_steps": self.link.steps, "most_running": self.link.busiest,
                                 "snapshots": self.link.seq}} if self.link is not None else {}
-        return {"replica_id": self.replica_id, **self.engine.info(), **link}
+        return {"replica_id": self.replica_id, **self.engine.info(), **link,
+                "adapter_errors": getattr(self, "adapter_errors", {})}
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine core fails it, and Serve replaces the replica."""

@@ -107,22 +107,24 @@ class Recorded(RequestMetrics):
     def __init__(self):
         super().__init__("tiny-mistral", enabled=False)
         self.calls = []
+        self.models = []  # the `model` label of each finished request (None: the base model's)
 
-    def count_tokens(self, route, prompt, completion):
+    def count_tokens(self, route, prompt, completion, model=None):
         self.calls.append(("tokens", route, prompt, completion))
 
     def reject(self, route, reason):
         super().reject(route, reason)
         self.calls.append(("reject", route, reason))
 
-    def finished(self, route, status, key_id):
-        super().finished(route, status, key_id)
+    def finished(self, route, status, key_id, model=None):
+        super().finished(route, status, key_id, model)
         self.calls.append(("finished", route, status, key_id))
+        self.models.append(model)
 
-    def first_token(self, route, seconds):
+    def first_token(self, route, seconds, model=None):
         self.calls.append(("ttft", route))
 
-    def completed(self, route, stream, seconds):
+    def completed(self, route, stream, seconds, model=None):
         self.calls.append(("e2e", route, stream))
 
     def kv_prediction(self, route, predicted, cached):
@@ -187,6 +189,15 @@ def test_unary_answer_carries_the_replica_header_and_counts_tokens():
     assert r.status_code == 200 and r.headers[REPLICA_HEADER] == s.replica_id
     assert ("tokens", "completions", 3, 2) in s.metrics.calls
     assert ("finished", "completions", 200, "none") in s.metrics.calls
+
+
+def test_adapters_the_replica_serves_are_admitted_and_labelled_others_are_404():
+    s = asyncio.run(server())
+    s.checks.models = frozenset({"tiny-mistral", "ft-1"})  # what reconfigure sets
+    assert call(s, "POST", "/v1/completions", json={"model": "ft-1", "prompt": "hi"}).status_code == 200
+    for model in ("ft-2", ["ft-1"], {"a": 1}):
+        assert call(s, "POST", "/v1/completions", json={"model": model, "prompt": "hi"}).status_code == 404
+    assert s.metrics.models == ["ft-1", None, None, None]  # refused names make no series
 
 
 def test_ttft_is_observed_for_streamed_generation_only_and_unary_answers_get_their_latency():

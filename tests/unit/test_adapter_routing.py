@@ -1,0 +1,120 @@
+"""Adapter affinity (pure): an adapter's requests go to replicas holding it, a hot adapter spreads in
+proportion to its share of the traffic, base requests and apps without adapters route as before."""
+
+import json
+import random
+
+from mistral_ray.routing.adapter_policy import AdapterAffinity, DecayingCounts
+from mistral_ray.routing.hint import RouteHint, hint_from_body
+from mistral_ray.routing.policies import Load, make_policy
+from mistral_ray.server.load import Inflight
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def policy(inner="pow2", spread=1.0, clock=None):
+    base = make_policy(inner, imbalance=4, imbalance_ratio=1.5, kv_limit=0.95, index_blocks=64, max_sessions=8,
+                       rng=random.Random(0))
+    return AdapterAffinity(base, spread, window_s=30, placed_s=2, clock=clock or Clock())
+
+
+def route(p, adapter, loads):
+    hint = RouteHint(adapter=adapter)
+    first = p.decide(hint, loads).ranks[0][0]
+    p.routed(hint, first)
+    return first
+
+
+def test_an_adapter_goes_to_the_replica_holding_it():
+    p = policy()
+    for _ in range(9):  # base traffic: the adapter is a small share
+        p.routed(RouteHint(), "a")
+    loads = [Load("a", 3), Load("b", 1, adapters=frozenset({"ft-1"}))]
+    assert {route(p, "ft-1", loads) for _ in range(5)} == {"b"}
+    assert p.decide(RouteHint(adapter="ft-1"), loads).reason == "adapter"
+
+
+def test_a_new_adapter_goes_to_the_least_loaded_and_stays_there_before_reports_show_it():
+    clock = Clock()
+    p = policy(clock=clock)
+    for _ in range(9):
+        p.routed(RouteHint(), "a")
+    loads = [Load("a", 3), Load("b", 1), Load("c", 2)]
+    assert p.decide(RouteHint(adapter="ft-2"), loads).reason == "adapter_new"
+    assert route(p, "ft-2", loads) == "b"
+    later = [Load("a", 3), Load("b", 3), Load("c", 0)]  # b got busier; its report does not list ft-2 yet
+    clock.now += 1
+    assert route(p, "ft-2", later) == "b"
+    clock.now += 5  # the pick is old and b never reported ft-2 (its engine let it go): a new home
+    assert route(p, "ft-2", later) == "c"
+
+
+def test_a_hot_adapter_spreads_with_its_share_and_a_cold_one_does_not():
+    p = policy()
+    loads = [Load(r, 0) for r in "abcd"]
+    hot = {route(p, "hot", [Load(l.replica, l.ongoing, adapters=frozenset()) for l in loads]) for _ in range(40)}
+    assert len(hot) == 4  # all of the traffic: every replica may hold it
+    p = policy()
+    held = {}
+    for i in range(200):
+        adapter = "hot" if i % 2 else f"cold-{i % 10}"
+        loads = [Load(r, 0, adapters=frozenset(a for a, rs in held.items() if r in rs)) for r in "abcd"]
+        held.setdefault(adapter, set()).add(route(p, adapter, loads))
+    assert len(held["hot"]) == 2  # half the traffic, 4 replicas: 2 hold it
+    assert all(len(held[f"cold-{k}"]) == 1 for k in (0, 2, 4, 6, 8))  # 10 % each: one replica each
+
+
+def test_an_overloaded_holder_gives_way():
+    p = policy()
+    for _ in range(9):
+        p.routed(RouteHint(), "a")
+    loads = [Load("a", 20, adapters=frozenset({"ft-1"})), Load("b", 1)]
+    decision = p.decide(RouteHint(adapter="ft-1"), loads)
+    assert decision.ranks[0] == ["b"] and decision.reason == "adapter_spread"
+
+
+def test_base_requests_and_the_inner_policy_are_untouched():
+    loads = [Load("a", 5), Load("b", 1, adapters=frozenset({"ft-1"}))]
+    wrapped, plain = policy(), make_policy("pow2", imbalance=4, imbalance_ratio=1.5, kv_limit=0.95,
+                                           index_blocks=64, max_sessions=8, rng=random.Random(0))
+    assert wrapped.decide(RouteHint(), loads).ranks == plain.decide(RouteHint(), loads).ranks == [["b"], ["a"]]
+    assert wrapped.decide(None, loads).reason == "load"
+
+
+def test_the_hint_names_the_adapter_only_when_the_app_serves_adapters():
+    body = json.dumps({"model": "ft-1", "prompt": "x" * 200}).encode()
+    assert hint_from_body(body, None, 64, 8).adapter is None  # no LoRA: exactly as before
+    with_lora = hint_from_body(body, None, 64, 8, base_model="tiny-mistral")
+    base = hint_from_body(json.dumps({"model": "tiny-mistral", "prompt": "x" * 200}).encode(), None, 64, 8,
+                          base_model="tiny-mistral")
+    assert with_lora.adapter == "ft-1" and base.adapter is None
+    assert with_lora.prefix and base.prefix and not set(with_lora.prefix) & set(base.prefix)  # its own KV
+    assert hint_from_body(body, None, 64, 8, tokenize=lambda r, p: (1, 2), base_model="tiny-mistral").tokens == ()
+
+
+def test_the_replica_reports_its_recent_adapters_least_recently_used_out():
+    load = Inflight(64, 1000, 8)
+    load.used("ft-1")
+    assert "adapters" not in load.routing_stats()  # no LoRA: nothing reported
+    load.adapter_slots = 2
+    for name in ("ft-1", "ft-2", "ft-1", "ft-3"):
+        load.used(name)
+    assert load.routing_stats()["adapters"] == ["ft-1", "ft-3"]
+    load.drop_adapters({"ft-3"})
+    assert load.routing_stats()["adapters"] == ["ft-3"]
+
+
+def test_decaying_counts_follow_the_mix():
+    counts = DecayingCounts(10)
+    for _ in range(10):
+        counts.add("a", 0)
+    assert counts.share("a", 0) == 1.0
+    for _ in range(10):
+        counts.add("b", 30)  # a's requests are three windows old
+    assert counts.share("b", 30) > 0.9
