@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import signal
 import sys
@@ -20,7 +21,7 @@ def _interrupt(*_) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from mistral_ray import launcher
-    from mistral_ray.options import llm_deployment_options
+    from mistral_ray.options import llm_deployment_options, node_env
 
     dep = load_deployment(args.config)
     launcher.check_ports(dep, args.port or dep.http.port)
@@ -45,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
                   + "; ".join(f"worker {i + 1} metrics port {p}" for i, p in enumerate(ports[1:])), flush=True)
         address = _address_file(dep, args.port)
         address.parent.mkdir(parents=True, exist_ok=True)
-        address.write_text(running.gcs_address)  # for `mistral-ray deploy` of this file
+        # for `mistral-ray deploy` of this file: where the cluster is, and the environment it started with
+        address.write_text(json.dumps({"gcs": running.gcs_address, "env": node_env(dep)}))
         print(f"mistral-ray ready: {running.base_url}/v1 (started in {running.startup_s:.1f}s)", flush=True)
         while not stop.wait(1):
             pass
@@ -83,10 +85,17 @@ def _deploy(args: argparse.Namespace) -> int:
         print(f"mistral-ray deploy: no `mistral-ray run` serves {dep.http.host}:{args.port or dep.http.port} "
               "on this machine", file=sys.stderr)
         return 1
-    os.environ.update(node_env(dep))  # before Ray is imported: this driver joins that cluster as its nodes are
+    running = json.loads(address.read_text())
+    changed = sorted(k for k in {*running["env"], *node_env(dep)} if running["env"].get(k) != node_env(dep).get(k))
+    if changed:  # what every Ray process read at start (HAProxy, the data plane): a deploy cannot change it
+        print(f"mistral-ray deploy: {dep.path} needs another cluster environment ({', '.join(changed)}: e.g. "
+              "a routing policy or LoRA that needs the request body, HAProxy settings); stop the run and start "
+              "it again with this file", file=sys.stderr)
+        return 1
+    os.environ.update(running["env"])  # before Ray is imported: this driver joins that cluster as its nodes are
     import ray
 
-    ray.init(address=address.read_text().strip(), namespace="mistral-ray", log_to_driver=False)
+    ray.init(address=running["gcs"], namespace="mistral-ray", log_to_driver=False)
     try:
         launcher.deploy(dep, args.timeout)
     finally:
@@ -109,6 +118,15 @@ def _tiny(args: argparse.Namespace) -> int:
 
     out = tiny_model.build(args.dir) if args.force else tiny_model.ensure(args.dir)
     print(f"{out} sha256={tiny_model.digest(out)}")
+    if args.adapters:
+        from pathlib import Path
+
+        from mistral_ray import tiny_adapters
+
+        root = Path(f"{Path(args.dir)}-adapters")
+        for i in range(1, args.adapters + 1):
+            adapter = tiny_adapters.ensure(root / f"ft-{i}")
+            print(f"{adapter} sha256={tiny_model.digest(adapter)}")
     return 0
 
 
@@ -234,7 +252,8 @@ def _plan(args: argparse.Namespace) -> int:
         shape, args.context_len, args.concurrency, dtype=args.dtype, gpu_memory_gib=args.gpu_memory_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, overhead_gib=args.overhead_gib,
         kv_budget_gib=args.kv_budget_gib, tensor_parallel_size=args.tp, gpus_per_worker=args.gpus_per_worker,
-        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs, max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
     )
     print(planner.report(p))
     if args.write:
@@ -267,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
     build = tiny_sub.add_parser("build", help="build it into DIR (skipped when present)")
     build.add_argument("dir")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
+    build.add_argument("--adapters", type=int, default=0, metavar="N",
+                       help="also write N LoRA adapters ft-1..ft-N into DIR-adapters/ (as deployments/local-cpu-lora.yaml "
+                       "names them; kept when present)")
     build.set_defaults(func=_tiny)
     env = sub.add_parser("env", help="the Ray cluster environment a deployment file's data plane needs, as "
                          "shell exports (for `ray start` / `serve run`; `mistral-ray run` sets it itself)")
@@ -305,6 +327,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--block-size", type=int, default=16, help="vLLM KV block size (16 on GPU, 128 on CPU)")
     pl.add_argument("--max-num-seqs", type=int, help="cap sequences per replica at the engine's limit")
     pl.add_argument("--no-window", action="store_true", help="plan as if the model had no sliding window")
+    pl.add_argument("--max-loras", type=int, default=0, help="engine.lora.max_loras: LoRA slots per replica")
+    pl.add_argument("--max-lora-rank", type=int, default=16, help="engine.lora.max_lora_rank")
     pl.add_argument("--write", help="set max_replicas and max_num_seqs in this deployment file")
     pl.set_defaults(func=_plan)
     b = sub.add_parser("bench", help="load-test OpenAI-compatible servers, side by side (streamed requests)",

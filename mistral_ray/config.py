@@ -91,6 +91,10 @@ class AdapterConfig(_Strict):
     build_tiny: bool = Field(
         False, description="Write a random LoRA adapter for the embedded tiny Mistral at `source` when that "
         "directory is missing or empty (seeded by the adapter's name; for laptops and tests).")
+    keys: Optional[list[str]] = Field(
+        None, description="API key ids that may use this adapter (a tenant's own fine-tune); any other key gets "
+        "404 for it, as for a name that does not exist, and /v1/models does not list it to them. null: every "
+        "key. Needs router.api_keys.enabled.")
 
     @model_validator(mode="after")
     def _tiny_needs_a_local_path(self) -> "AdapterConfig":
@@ -301,6 +305,10 @@ class RoutingConfig(_Strict):
         4.0, gt=0, description="Prompt characters per token, for KV accounting before the engine tokenizes."
     )
     stats_period_s: float = Field(0.5, gt=0, description="How often Serve reads each replica's load.")
+    adapter_affinity: bool = Field(
+        True, description="With LoRA adapters (engine.lora): route an adapter's requests to the replicas holding "
+        "it (below). false: the policy alone, blind to adapters (for comparison: the bench's `pow2` LoRA target)."
+    )
     adapter_spread: float = Field(
         1.0, gt=0, description="With LoRA adapters (engine.lora): an adapter may be held by its share of the "
         "requests times the replicas times this, rounded up (at least 1): at 1.0 an adapter with 60 % of the "
@@ -309,7 +317,7 @@ class RoutingConfig(_Strict):
     )
     adapter_window_s: float = Field(
         30, gt=0, description="An adapter's share of the traffic counts each request for about this long "
-        "(exponentially decaying)."
+        "(exponentially decaying), and a replica a router sent the adapter to stays one of its holders this long."
     )
     route_body_bytes: int = Field(
         65536, ge=16384, description="How much of a request body HAProxy hands the ingress router (prefix_affinity "
@@ -498,6 +506,10 @@ def parse_adapters(user_config: dict[str, Any] | None, service: ServiceConfig,
     if live.adapters and service.engine.lora is None:
         raise ConfigError(f"invalid mistral-ray config:\n  {where}.adapters: adapters need engine.lora in the "
                           "application's args (the engine's LoRA slots)")
+    restricted = sorted(name for name, a in live.adapters.items() if a.keys is not None)
+    if restricted and not service.router.api_keys.enabled:
+        raise ConfigError(f"invalid mistral-ray config:\n  {where}.adapters.{restricted[0]}.keys: allow-lists need "
+                          "router.api_keys.enabled (without keys every caller is the same)")
     if service.model.name in live.adapters:
         raise ConfigError(f"invalid mistral-ray config:\n  {where}.adapters.{service.model.name}: the base "
                           "model's name cannot name an adapter")

@@ -115,9 +115,10 @@ def start(dep: DeploymentFile, port: int | None = None, ready_timeout_s: Optiona
     # The file's http_options as Serve reads them (timeouts, root path, ...), on the port asked for.
     serve.start(http_options={**(dep.raw.get("http_options") or {}), "host": dep.http.host, "port": port},
                 proxy_location="HeadOnly" if workers else dep.raw.get("proxy_location", "EveryNode"))
-    deploy(dep, ready_timeout_s or dep.service.scaling.start_timeout_s)
+    budget = ready_timeout_s or dep.service.scaling.start_timeout_s
+    deploy(dep, budget)
     base = f"http://{dep.http.host}:{port}{dep.route_prefix.rstrip('/')}"
-    wait_ready(base, ready_timeout_s or dep.service.scaling.start_timeout_s)
+    wait_ready(base, max(30.0, budget - (time.monotonic() - t0)))
     return Running(dep, base, time.monotonic() - t0, _cluster, ray.get_runtime_context().gcs_address)
 
 
@@ -132,11 +133,17 @@ def deploy(dep: DeploymentFile, timeout_s: float = 600) -> None:
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
     client = _get_global_client()
+    details = client.get_serve_details()
+    # The other apps deployed from config, as deployed (not those being deleted, nor those `serve.run` put there)
     apps = [ServeApplicationSchema.model_validate(app["deployed_app_config"])
-            for name, app in (client.get_serve_details().get("applications") or {}).items()
-            if name != dep.app_name and app.get("deployed_app_config")]
-    apps.append(ServeApplicationSchema.model_validate(application(dep)))
-    client.deploy_apps(ServeDeploySchema(applications=apps))
+            for name, app in (details.get("applications") or {}).items()
+            if name != dep.app_name and app.get("deployed_app_config") and app.get("source") == "declarative"
+            and app.get("status") != "DELETING"]
+    try:
+        apps.append(ServeApplicationSchema.model_validate(application(dep)))
+    except ValueError as exc:  # pydantic's ValidationError: a `deployments` entry Serve cannot read
+        raise StartError(f"{dep.path}: Serve cannot read the application: {exc}") from None
+    client.deploy_apps(ServeDeploySchema(applications=apps, target_capacity=details.get("target_capacity")))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = serve.status().applications.get(dep.app_name)
@@ -162,8 +169,8 @@ def application(dep: DeploymentFile) -> dict:
 
 
 def _settled(status) -> bool:
-    """Every deployment of the app has its target replicas at the version just deployed."""
-    return all(d.status == "HEALTHY" for d in status.deployments.values())
+    """Every deployment of the app runs the version just deployed (an autoscaler may be changing its count)."""
+    return all(d.status in ("HEALTHY", "UPSCALING", "DOWNSCALING") for d in status.deployments.values())
 
 
 def stop(app: Optional[str] = None, again: Optional[Callable[[], bool]] = None) -> None:

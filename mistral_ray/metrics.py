@@ -102,6 +102,22 @@ class RequestMetrics:
             "request came (used: the engine did not tokenize the messages; missed: it did).",
             ("route", "model", "outcome"),
         )
+        self.adapter_loads = _declare(
+            enabled, metrics.Counter, "mistral_ray_adapter_loads_total",
+            "LoRA adapter requests admitted while the replica's engine did not hold the adapter (it reads it in), "
+            "by adapter, as the replica counts them (its last max_cpu_loras adapters, as vLLM's cache keeps them).",
+            ("model",),
+        )
+        self.adapter_evictions = _declare(
+            enabled, metrics.Counter, "mistral_ray_adapter_evictions_total",
+            "LoRA adapters that left a replica's list of held adapters (least recently used) for another.", ("model",),
+        )
+        self.adapters_held = _declare(
+            enabled, metrics.Gauge, "mistral_ray_adapter_held",
+            "1 while a replica's engine holds the LoRA adapter (its last max_cpu_loras adapters), else 0.",
+            ("model", "replica"),
+        )
+        self.replica = ""  # the replica's id, for the adapters_held label
         self._in_flight: dict[str, int] = {}
 
     def configured(self, application: str, deployment: str, min_replicas: int, max_replicas: int) -> None:
@@ -147,6 +163,14 @@ class RequestMetrics:
 
     def prompt_forwarded(self, route: str, used: bool) -> None:
         self.prompts_forwarded.inc(tags={"route": route, "model": self.model, "outcome": "used" if used else "missed"})
+
+    def adapter_used(self, adapter: str, loaded: bool, evicted: list[str]) -> None:
+        if loaded:
+            self.adapter_loads.inc(tags={"model": adapter})
+            self.adapters_held.set(1, tags={"model": adapter, "replica": self.replica})
+        for name in evicted:
+            self.adapter_evictions.inc(tags={"model": name})
+            self.adapters_held.set(0, tags={"model": name, "replica": self.replica})
 
     def count_tokens(self, route: str, prompt: int, completion: int, model: str | None = None) -> None:
         self.tokens.inc(prompt, tags={"route": route, "model": model or self.model, "direction": "in"})

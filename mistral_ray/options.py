@@ -183,6 +183,9 @@ def llm_deployment_options(cfg: ServiceConfig) -> dict[str, Any]:
         # get counts from there (Serve's budget covers both, and was cutting streams at drain_timeout_s overall).
         graceful_shutdown_timeout_s=s.drain_timeout_s + (cfg.router.deregister_s if cfg.router.haproxy else 0),
         graceful_shutdown_wait_loop_s=1,
+        # What the replicas serve when a file gives no user_config (Serve then falls back to this, and skips
+        # reconfigure for None: adapters a file stopped listing would stay).
+        user_config={"adapters": {}},
         request_router_config=dict(
             request_router_class=REQUEST_ROUTER,
             request_router_kwargs={**routing.model_dump(), "metrics": cfg.observability.request_metrics,

@@ -26,6 +26,9 @@ class ModelShape:
     head_dim: int
     num_params: float
     sliding_window: Optional[int]
+    hidden_size: int = 0  # these three size the LoRA slots (0: unknown, no LoRA estimate)
+    intermediate_size: int = 0
+    num_heads: int = 0
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelShape":
@@ -36,14 +39,14 @@ class ModelShape:
         kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
         attn = h * cfg["num_attention_heads"] * head_dim * 2 + h * kv * head_dim * 2
         params = n * (attn + 3 * h * i + 2 * h) + 2 * v * h + h
-        return cls(path.name, n, kv, head_dim, params, cfg.get("sliding_window"))
+        return cls(path.name, n, kv, head_dim, params, cfg.get("sliding_window"), h, i, cfg["num_attention_heads"])
 
 
 # Published architectures (config.json of each checkpoint).
 PRESETS = {
-    "mistral-7b-v0.1": ModelShape("Mistral-7B-v0.1", 32, 8, 128, 7.24e9, 4096),
-    "mistral-7b-v0.2": ModelShape("Mistral-7B-v0.2", 32, 8, 128, 7.24e9, None),
-    "mistral-7b-v0.3": ModelShape("Mistral-7B-v0.3", 32, 8, 128, 7.25e9, None),
+    "mistral-7b-v0.1": ModelShape("Mistral-7B-v0.1", 32, 8, 128, 7.24e9, 4096, 4096, 14336, 32),
+    "mistral-7b-v0.2": ModelShape("Mistral-7B-v0.2", 32, 8, 128, 7.24e9, None, 4096, 14336, 32),
+    "mistral-7b-v0.3": ModelShape("Mistral-7B-v0.3", 32, 8, 128, 7.25e9, None, 4096, 14336, 32),
 }
 
 
@@ -62,10 +65,23 @@ class Plan:
     target_concurrency: int
     replicas: int
     gpu_workers: int
+    lora_slots_gib: float = 0.0  # engine.lora: max_loras slots at max_lora_rank, taken from the KV budget on GPU
 
 
 def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * DTYPE_BYTES[dtype]
+
+
+def lora_slot_bytes(shape: ModelShape, rank: int, dtype: str) -> int:
+    """One LoRA slot as vLLM allocates it when the engine starts: for every linear layer of every decoder
+    layer (q, k, v, o, gate, up, down), A (rank x in) and B (out x rank) at max_lora_rank, whatever the
+    adapters loaded later hold (vllm/lora/layers/base_linear.py, create_lora_weights)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    if not (h and i and shape.num_heads):
+        return 0  # a shape without them: no estimate
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    in_out = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
+    return shape.num_layers * in_out * rank * DTYPE_BYTES[dtype]
 
 
 def kv_tokens_per_seq(context_len: int, window: Optional[int], block_size: int) -> int:
@@ -88,16 +104,20 @@ def plan(
     gpus_per_worker: int = 1,
     block_size: int = 16,
     max_num_seqs: Optional[int] = None,
+    max_loras: int = 0,
+    max_lora_rank: int = 16,
 ) -> Plan:
-    """Either `gpu_memory_gib` (GPU: the budget is what is left after weights and activations) or
-    `kv_budget_gib` (CPU: vLLM takes VLLM_CPU_KVCACHE_SPACE as the budget)."""
+    """Either `gpu_memory_gib` (GPU: the budget is what is left after weights, activations and LoRA slots)
+    or `kv_budget_gib` (CPU: vLLM takes VLLM_CPU_KVCACHE_SPACE as the budget; LoRA slots are host memory
+    beside it). `max_loras`: engine.lora's slots (0: no LoRA)."""
     per_token = kv_bytes_per_token(shape, dtype)
     weights = shape.num_params * DTYPE_BYTES[dtype] / GIB
+    lora = max_loras * lora_slot_bytes(shape, max_lora_rank, dtype) / GIB
     if kv_budget_gib is None:
         if gpu_memory_gib is None:
             raise ValueError("give gpu_memory_gib (GPU) or kv_budget_gib (CPU)")
         usable = gpu_memory_gib * gpu_memory_utilization * tensor_parallel_size
-        kv_budget_gib = usable - weights - overhead_gib * tensor_parallel_size
+        kv_budget_gib = usable - weights - lora - overhead_gib * tensor_parallel_size
         if kv_budget_gib <= 0:
             raise ValueError(f"{shape.name} ({weights:.1f} GiB of weights) does not fit in {usable:.1f} GiB")
     tokens = int(kv_budget_gib * GIB // per_token) // block_size * block_size
@@ -121,6 +141,7 @@ def plan(
         target_concurrency=target_concurrency,
         replicas=replicas,
         gpu_workers=math.ceil(replicas * tensor_parallel_size / gpus_per_worker),
+        lora_slots_gib=round(lora, 3),
     )
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
+import uuid
 from pathlib import Path
 
 from mistral_ray.tiny_model import ARCH, SEED
@@ -62,7 +62,8 @@ def peft_config(base: str) -> dict:
 def _build_into(out: Path, name: str) -> Path:
     from safetensors.numpy import save_file
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    # unique across hosts too: replicas on several pods may build into one shared volume at once
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(weights(name), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

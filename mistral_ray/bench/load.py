@@ -29,6 +29,7 @@ class Reply:
     replica: Optional[str] = None
     error: str = ""
     session: Optional[int] = None  # chat trace: which conversation this turn belongs to
+    model: Optional[str] = None  # the request's `model` (the LoRA bench: which adapter)
     e2e: float = 0.0
 
     @property
@@ -122,6 +123,7 @@ async def drive(base_url: str, work: list[Call] | ChatTrace, concurrency: int, l
                     put((session, turn + 1), anywhere=True)
             else:
                 reply = await send(client, base_url, job, headers)
+                reply.model = job.body.get("model")
             replies.append(reply)
             bar and bar.update()
             if len(replies) == total:

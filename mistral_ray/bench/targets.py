@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import json
 
@@ -164,11 +164,15 @@ def bench_service(engine: Optional[dict] = None, path: Path = LOCAL_CPU) -> Serv
     return parse_service(args)
 
 
-def _ours(label: str, policy: str, replicas: int, workdir: Path, engine: Optional[dict] = None) -> Target:
+def _ours(label: str, policy: str, replicas: int, workdir: Path, engine: Optional[dict] = None,
+          update: Optional[Callable[[dict], None]] = None, deployments: Optional[list] = None) -> Target:
+    """`update`: changes the app's args further (the LoRA bench); `deployments`: the file's overrides of them."""
     raw = yaml.safe_load(LOCAL_CPU.read_text())
     args = bench_service(engine).model_dump(mode="json")
     args["scaling"].update(min_replicas=replicas, max_replicas=replicas, initial_replicas=None)
     args["router"]["routing"]["policy"] = policy
+    if update is not None:
+        update(args)
     keys = workdir / "api-keys"
     keys.write_text(f"bench:{BENCH_KEY}\n")
     args["router"]["api_keys"].update(enabled=True, file=str(keys))
@@ -179,6 +183,8 @@ def _ours(label: str, policy: str, replicas: int, workdir: Path, engine: Optiona
                                  haproxy_metrics_port=int(ports.pop("RAY_SERVE_HAPROXY_METRICS_PORT")))
     lag_s = args["observability"]["metrics_report_interval_ms"] / 1000 + 1.5
     raw["applications"][0]["args"] = args
+    if deployments:
+        raw["applications"][0]["deployments"] = deployments
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
     config = workdir / f"{label}.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -1,11 +1,13 @@
 """The LoRA adapters one engine serves, changed in place while it runs.
 
 vLLM's OpenAI app resolves a request's `model` to an adapter through `OpenAIServingModels.lora_requests`
-(what `/v1/models` lists, with each adapter's parent). Registering an adapter here only checks it as vLLM's
-loader will (PEFT config, rank within `max_lora_rank`, no bias) and adds it to that table: the engine
-reads its weights when the first request for it runs, into one of `max_loras` slots, least recently used
-out (vLLM's worker LRU), so a replica holds only the adapters its requests need. Removing one takes it out
-of the table: requests already running keep their reference and finish; the engine's LRU frees it later.
+(what `/v1/models` lists, with each adapter's parent). Registering an adapter checks it as vLLM's loader
+will (PEFT config, rank within `max_lora_rank`, no bias), then has the engine load it once (`add_lora`, as
+vLLM's own `/v1/load_lora_adapter` does): weights that do not fit the model fail there, as an error of that
+call, and not in the first request's engine step, where vLLM treats a failed load as fatal to the engine.
+Only then is it added to the table. The engine keeps `max_cpu_loras` adapters in memory and `max_loras` in
+a batch, least recently used out, and reads an evicted one again when a request needs it. Removing one takes
+it out of the table: requests already running keep their reference and finish; the engine's LRU frees it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class Adapters:
         return set(self.models.lora_requests)
 
     def _check(self, name: str, source: str) -> str:
-        """The adapter's local directory, checked as vLLM's loader checks it (a hub id is downloaded here,
-        not by the first request)."""
+        """The adapter's local directory, its config checked as vLLM's loader checks it (a hub id is
+        downloaded here, not by the first request)."""
         try:
             path = get_adapter_absolute_path(source)
             if not (Path(path) / "adapter_config.json").is_file():
@@ -50,6 +52,9 @@ class Adapters:
             raise AdapterError(f"adapter {name!r} ({source}): {type(exc).__name__}: {exc}") from None
         return path
 
+    def _request(self, name: str, lora_id: int, path: str) -> LoRARequest:
+        return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path, base_model_name=self.base)
+
     async def apply(self, wanted: dict[str, str]) -> dict[str, Any]:
         """Serve `wanted` (name -> source) from now on. An adapter that fails its check is not served (an
         adapter it replaces stays as it was) and is named in `failed`: a bad path in a deploy must not take
@@ -58,21 +63,24 @@ class Adapters:
             raise AdapterError("adapters need an engine started with LoRA (engine.lora)")
         current = self.models.lora_requests
         changed = {name: src for name, src in wanted.items() if name not in current or self.sources.get(name) != src}
-        paths, failed = {}, {}
+        paths, failed, ids = {}, {}, {}
         for name, source in changed.items():
             try:
                 paths[name] = await asyncio.to_thread(self._check, name, source)
-            except AdapterError as exc:
-                failed[name] = str(exc)
-                logger.error("adapters: %s", exc)
+                # a new id for a new or moved adapter: the engine's cache (and its KV block hashes) tell them apart
+                ids[name] = self.models.lora_id_counter.inc(1)
+                await self.llm.add_lora(self._request(name, ids[name], paths[name]))
+            except Exception as exc:  # AdapterError, or the engine's load of the weights failed
+                paths.pop(name, None)
+                failed[name] = str(exc) if isinstance(exc, AdapterError) else \
+                    f"adapter {name!r} ({source}): the engine cannot load it: {type(exc).__name__}: {exc}"
+                logger.error("adapters: %s", failed[name])
         removed = sorted(set(current) - set(wanted))
         for name in removed:
             del current[name]
             self.sources.pop(name, None)
         for name, path in paths.items():
-            # a new id for a moved adapter: the engine's cache (and its KV block hashes) tell them apart
-            current[name] = LoRARequest(lora_name=name, lora_int_id=self.models.lora_id_counter.inc(1),
-                                        lora_path=path, base_model_name=self.base)
+            current[name] = self._request(name, ids[name], path)
             self.sources[name] = changed[name]
         if paths or removed:
             logger.info("adapters: added or changed %s, removed %s", sorted(paths), removed)

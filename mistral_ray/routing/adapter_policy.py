@@ -3,9 +3,12 @@
 Wraps the configured policy (pow2, prefix_affinity, kv_aware, session) when the app serves adapters; base
 model requests go to it untouched. For adapter requests it narrows the candidates first:
 
+Only adapters the replicas report serving count (a made-up `model` goes by the policy alone, and 404s).
+
 - holders: replicas whose engine holds A (each replica reports the adapters its engine keeps loaded, least
   recently used out as vLLM's own cache, `server/load.py`), and those this router sent A to in the last
-  `placed_s` (their report cannot show it yet: a burst of A's first requests must not load it everywhere);
+  `placed_s` (`adapter_window_s`: their report may not show it yet, so a burst of A's first requests does
+  not load it everywhere, and a replica that served A lately stays its home while A's traffic goes on);
 - A's share of the fleet: A's part of the requests this router placed over about `window_s` (decaying),
   times the replicas, times `spread`, rounded up: an adapter with 60 % of the traffic on 2 replicas may use
   both, one with 10 % stays on one. While A has fewer holders with room than that, the least loaded other
@@ -24,30 +27,39 @@ from mistral_ray.routing.hint import RouteHint
 from mistral_ray.routing.policies import Decision, Load, Policy, _averaged
 
 
+MAX_PLACED = 1024  # adapters remembered per replica before the expired ones are swept
+
+
 class DecayingCounts:
-    """Requests per adapter, each weighing exp(-age / window_s): a share that follows the traffic's mix."""
+    """Requests per adapter, each weighing exp(-age / window_s): a share that follows the traffic's mix.
+    Kept as weights growing with time (a share is a ratio: the common decay cancels), so adding is O(1);
+    rescaled now and then before the weights overflow."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s
         self.counts: dict[Optional[str], float] = {}
-        self.when = 0.0
+        self.total = 0.0
+        self.origin: Optional[float] = None
 
-    def _decay(self, now: float) -> None:
-        factor = math.exp(-max(0.0, now - self.when) / self.window_s)
-        self.when = now
-        for key in list(self.counts):
-            self.counts[key] *= factor
-            if self.counts[key] < 1e-3:
-                del self.counts[key]
+    def _weight(self, now: float) -> float:
+        if self.origin is None:
+            self.origin = now
+        age = (now - self.origin) / self.window_s
+        if age > 50:  # rescale: weights relative to now, the negligible ones dropped
+            factor = math.exp(-age)
+            self.counts = {k: v * factor for k, v in self.counts.items() if v * factor > 1e-6}
+            self.total = sum(self.counts.values())
+            self.origin, age = now, 0.0
+        return math.exp(max(age, 0.0))
 
     def add(self, key: Optional[str], now: float) -> None:
-        self._decay(now)
-        self.counts[key] = self.counts.get(key, 0.0) + 1.0
+        weight = self._weight(now)
+        self.counts[key] = self.counts.get(key, 0.0) + weight
+        self.total += weight
 
     def share(self, key: Optional[str], now: float) -> float:
-        self._decay(now)
-        total = sum(self.counts.values())
-        return self.counts.get(key, 0.0) / total if total else 0.0
+        self._weight(now)
+        return self.counts.get(key, 0.0) / self.total if self.total else 0.0
 
 
 class AdapterAffinity(Policy):
@@ -57,7 +69,9 @@ class AdapterAffinity(Policy):
         self.inner, self.spread, self.placed_s, self.clock = inner, spread, placed_s, clock
         self.name = inner.name
         self.traffic = DecayingCounts(window_s)
-        self.placed: dict[str, dict[str, float]] = {}  # replica -> adapter -> when this router last sent it there
+        self.known: frozenset = frozenset()  # the adapters the replicas serve, as last reported
+        # replica -> adapter -> when this router last sent it there (names a client made up expire too)
+        self.placed: dict[str, dict[str, float]] = {}
 
     def wanted(self, adapter: str, replicas: int, now: float) -> int:
         """How many replicas `adapter` may hold: its share of the traffic's replicas, times `spread`."""
@@ -65,7 +79,10 @@ class AdapterAffinity(Policy):
         return max(1, min(replicas, math.ceil(self.spread * share * replicas - 1e-9)))
 
     def decide(self, hint: Optional[RouteHint], loads: list[Load]) -> Decision:
-        if hint is None or hint.adapter is None or not loads:
+        # Only adapters some replica serves: a made-up name (the router reads bodies before any key check)
+        # goes by the policy alone, and the replica answers 404; it is not remembered here.
+        self.known = frozenset().union(*(l.served for l in loads))
+        if hint is None or hint.adapter not in self.known or not loads:
             return self.inner.decide(hint, loads)
         now, adapter = self.clock(), hint.adapter
         holders = [l for l in loads if adapter in l.adapters
@@ -85,10 +102,14 @@ class AdapterAffinity(Policy):
 
     def routed(self, hint: Optional[RouteHint], replica: str) -> None:
         now = self.clock()
-        adapter = hint.adapter if hint is not None else None
+        adapter = hint.adapter if hint is not None and hint.adapter in self.known else None
         self.traffic.add(adapter, now)
         if adapter is not None:
-            self.placed.setdefault(replica, {})[adapter] = now
+            placed = self.placed.setdefault(replica, {})
+            placed[adapter] = now
+            if len(placed) > MAX_PLACED:
+                for name in [a for a, t in placed.items() if now - t >= self.placed_s]:
+                    del placed[name]
         self.inner.routed(hint, replica)
 
     def forget(self, replica: str) -> None:

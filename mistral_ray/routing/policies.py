@@ -33,6 +33,7 @@ ARRIVALS = "arrivals"  # a replica's routing stat: {picker id: requests it recei
 # A replica's routing stat under kv_aware: where its engine publishes KV events (routing/kv_feed.py).
 KV_EVENTS = "kv_events"
 ADAPTERS = "adapters"  # a replica's routing stat: the LoRA adapters its engine holds now
+SERVED = "served_adapters"  # ... and those it serves
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Load:
     kv_usage: float = 0.0  # sliding-window-aware KV tokens / KV capacity, 0..1+
     average: Optional[float] = None  # `ongoing` averaged over the last moments (LoadAverage); None: ongoing
     adapters: frozenset = frozenset()  # LoRA adapters its engine holds (adapter_policy.py)
+    served: frozenset = frozenset()  # LoRA adapters it serves (its config's, as applied)
 
 
 class LoadAverage:

@@ -32,7 +32,8 @@ from mistral_ray.config import RoutingConfig
 from mistral_ray.metrics import RoutingMetrics
 from mistral_ray.routing.hint import RouteHint
 from mistral_ray.routing.adapter_policy import AdapterAffinity
-from mistral_ray.routing.policies import ADAPTERS, ARRIVALS, KV_EVENTS, Load, LoadAverage, Policy, make_policy
+from mistral_ray.routing.policies import (ADAPTERS, ARRIVALS, KV_EVENTS, SERVED, Load, LoadAverage, Policy,
+                                          make_policy)
 
 
 def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
@@ -63,9 +64,9 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
         self.policy: Policy = make_policy(
             cfg.policy, imbalance=cfg.imbalance, imbalance_ratio=cfg.imbalance_ratio, kv_limit=cfg.kv_limit,
             index_blocks=cfg.index_blocks, max_sessions=cfg.max_sessions, feed=self.feed)
-        if adapters:
+        if adapters and cfg.adapter_affinity:
             self.policy = AdapterAffinity(self.policy, cfg.adapter_spread, cfg.adapter_window_s,
-                                          placed_s=max(1.0, 4 * cfg.stats_period_s))
+                                          placed_s=cfg.adapter_window_s)
         self.in_flight: Counter[str] = Counter()  # sent through Serve, not completed (proxy path)
         self.picks: dict[str, Counter[str]] = {}  # picker -> replica -> picks (ingress-router path)
         # Picks of the last few reports' time: a pick that never arrives (HAProxy sent it elsewhere after a
@@ -98,7 +99,7 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             unseen = min(picks[rid] - arrived, self._recent(rid))
         ongoing = max(reported + unseen, self.in_flight.get(rid, 0))
         average = self.average.update(rid, ongoing, time.monotonic())
-        return Load(rid, ongoing, kv, average, frozenset(stats.get(ADAPTERS) or ()))
+        return Load(rid, ongoing, kv, average, frozenset(stats.get(ADAPTERS) or ()), frozenset(stats.get(SERVED) or ()))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None

@@ -118,6 +118,7 @@ class Checks:
         self.limits = cfg.router.limits
         self.context = context  # the engine's context length, as it resolved it (engine.max_model_len may be null)
         self.models = frozenset({cfg.model.name})  # the base model and the adapters it serves now (reconfigure)
+        self.allowed: dict[str, frozenset] = {}  # adapter -> the key ids that may use it (adapters with a list)
 
     def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
         """The caller's key id ("none" with keys off or on a probe)."""
@@ -153,9 +154,14 @@ class Checks:
         return Refused(413, f"request body is {size} bytes or more; the limit is {self.limits.max_body_bytes} "
                        "bytes", code="request_too_large", reason="too_large")
 
-    def check_model(self, payload: dict[str, Any]) -> None:
+    def hidden(self, key_id: str) -> frozenset:
+        """The adapters this key may not see (nor use)."""
+        return frozenset(name for name, keys in self.allowed.items() if key_id not in keys)
+
+    def check_model(self, payload: dict[str, Any], key_id: str = "none") -> None:
         model = payload.get("model")
-        if model is not None and (not isinstance(model, str) or model not in self.models):
+        if model is not None and (not isinstance(model, str) or model not in self.models
+                                  or (model in self.allowed and key_id not in self.allowed[model])):
             raise Refused(404, f"The model `{model}` does not exist.", param="model", code="model_not_found",
                           reason="model_not_found")
 
@@ -175,7 +181,7 @@ class Checks:
             return Admitted(route, key_id, b"")
         body = await self.read_body(receive, headers)
         payload = parse(body)
-        self.check_model(payload)
+        self.check_model(payload, key_id)
         check_shape(route.label, payload)
         model = payload.get("model")  # one this replica serves (check_model), or None: the base model
         if not route.generation:
@@ -190,8 +196,6 @@ class Checks:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
         admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model)
-        if model is not None and model != cfg.model.name:
-            self.load.used(model)
         try:
             if self.quota is not None:  # the slot is held while the bank answers: arrivals meanwhile see it
                 admitted.charge = await self.quota.admit(key_id, requested_tokens(

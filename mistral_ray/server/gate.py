@@ -131,6 +131,8 @@ class Gate:
             request_id = headers.get(_REQUEST_ID) if self.trust_request_id else None
             request = await self.checks.admit(route, scope["method"], headers, receive, key_id,
                                               request_id.decode("latin-1") if request_id else None)
+            if request.seq is not None and request.model not in (None, self.metrics.model):
+                self.metrics.adapter_used(request.model, *self.load.used(request.model))
             predicted = headers.get(_PREDICTED) if self.trust_request_id else None  # set by our router only
             if route.label == "chat":
                 await self._take_prompt_ids(scope, headers, request.received)
@@ -174,8 +176,10 @@ class Gate:
     async def _forward(self, scope, receive, send, request: Admitted, start: float,
                        predicted: Optional[int] = None) -> int:
         exchange = Exchange(self, send, request, start, predicted)
-        app = self.app(scope, _replay(request.body, receive) if scope["method"] == "POST" else receive,
-                       exchange.send)
+        send_out = exchange.send
+        if request.route.label == "models" and len(self.checks.models) > 1:  # adapters are served
+            send_out = _listing(exchange.send, lambda: self.checks.hidden(request.key_id))
+        app = self.app(scope, _replay(request.body, receive) if scope["method"] == "POST" else receive, send_out)
         try:
             if request.route.generation:
                 await self._bounded(app, exchange)
@@ -202,6 +206,39 @@ class Gate:
         finally:
             if not task.done():  # the client left (Serve cancelled us): cancelling the app aborts in vLLM
                 task.cancel()
+
+
+def _listing(send, hidden: Callable[[], frozenset]):
+    """`send` for /v1/models: the adapters this key may not use (as of the answer) left out of the list, and
+    each adapter's `root` (vLLM puts the adapter's directory there) its name: no path of the server's shows."""
+    start, chunks = None, []
+
+    async def filtered(message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        if start["status"] == 200:
+            try:
+                listed, hide = json.loads(body), hidden()
+                listed["data"] = [m for m in listed.get("data", []) if m.get("id") not in hide]
+                for card in listed["data"]:
+                    if card.get("parent"):
+                        card["root"] = card["id"]
+                body = json.dumps(listed).encode()
+            except (ValueError, AttributeError, TypeError):  # not vLLM's model list: as it is
+                pass
+        headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return filtered
 
 
 class Exchange:

@@ -16,7 +16,7 @@ from itertools import chain, repeat
 from typing import Callable, Optional
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
-from mistral_ray.routing.policies import ADAPTERS, ARRIVALS, kv_usage
+from mistral_ray.routing.policies import ADAPTERS, ARRIVALS, SERVED, kv_usage
 
 
 MAX_PICKERS = 256  # ingress routers, one per node
@@ -47,20 +47,29 @@ class Inflight:
         # used out, as vLLM's own adapter cache (max_cpu_loras) keeps them. 0: the app serves no adapters.
         self.adapter_slots = 0
         self.adapters: OrderedDict[str, None] = OrderedDict()
+        self.served: list[str] = []  # the adapters the replica serves (reconfigure)
 
-    def used(self, adapter: str) -> None:
-        """A request for `adapter` was admitted: the engine loads it (or keeps it) for that request."""
+    def used(self, adapter: str) -> tuple[bool, list[str]]:
+        """A request for `adapter` was admitted: the engine loads it (or keeps it) for that request. Whether
+        it had to load it, and the adapters that made room for it."""
         if not self.adapter_slots:
-            return
+            return False, []
+        loaded = adapter not in self.adapters
         self.adapters[adapter] = None
         self.adapters.move_to_end(adapter)
+        evicted = []
         while len(self.adapters) > self.adapter_slots:
-            self.adapters.popitem(last=False)
+            evicted.append(self.adapters.popitem(last=False)[0])
+        return loaded, evicted
 
-    def drop_adapters(self, served: set[str]) -> None:
-        """Adapters no longer served are not offered to routers (the engine's cache lets them go)."""
-        for name in [a for a in self.adapters if a not in served]:
+    def serve_adapters(self, served: set[str]) -> list[str]:
+        """The adapters the replica serves from now on (reported to routers); those it held and no longer serves
+        are not offered any more (the engine's cache lets them go): returned."""
+        self.served = sorted(served)
+        dropped = [a for a in self.adapters if a not in served]
+        for name in dropped:
             del self.adapters[name]
+        return dropped
 
     def arrived(self, picker: Optional[str]) -> None:
         if not picker or len(picker) > _PICKER_CHARS:
@@ -105,7 +114,7 @@ class Inflight:
     def routing_stats(self) -> dict:
         stats = {**self.stats(), ARRIVALS: dict(self.arrivals)}
         if self.adapter_slots:
-            stats[ADAPTERS] = list(self.adapters)
+            stats[ADAPTERS], stats[SERVED] = list(self.adapters), self.served
         return stats
 
 

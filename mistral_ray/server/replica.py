@@ -10,13 +10,14 @@ vllm; the default factory is the only path that imports it.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mistral_ray.config import ServiceConfig, parse_adapters
+from mistral_ray.config import ConfigError, ServiceConfig, parse_adapters
 from mistral_ray.listeners import bind_replica_grpc_to_node
 from mistral_ray.metrics import RequestMetrics
 from mistral_ray.options import llm_deployment_options, vllm_args
@@ -28,6 +29,8 @@ from mistral_ray.server.link import RouterLink
 from mistral_ray.server.generation import Generation
 from mistral_ray.server.load import Inflight
 from mistral_ray.server.quota import Quota
+
+logger = logging.getLogger("ray.serve")
 
 
 class Engine(Protocol):
@@ -106,6 +109,7 @@ class LLMServer:
         obs = cfg.observability
         self.metrics = RequestMetrics(cfg.model.name, enabled=obs.request_metrics, key_labels=obs.key_labels,
                                       key_ids=keys.ids if keys else ())
+        self.metrics.replica = self.replica_id
         try:
             ctx = serve.get_replica_context()
             self.metrics.configured(ctx.app_name, ctx.deployment, cfg.scaling.min_replicas, cfg.scaling.max_replicas)
@@ -115,21 +119,31 @@ class LLMServer:
         self.checks = Checks(cfg, keys, bank, self.load, self.engine.read_request,
                              info.get("max_model_len") or cfg.engine.max_model_len or 0)
 
-    async def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: Optional[dict]) -> None:
         """Serve calls this with the deployment's `user_config` at start and whenever a deploy changes only it:
-        the adapters served change in place (config.AdaptersConfig), the replica and its engine stay."""
+        the adapters served change in place (config.AdaptersConfig), the replica and its engine stay. A config
+        that cannot be applied (a deploy that bypassed `mistral-ray check`) leaves the adapters as they were and
+        is logged and named in info(): raising here would make Serve replace every replica, and each would fail
+        the same way."""
         import asyncio
 
         from mistral_ray import tiny_adapters
 
-        live = parse_adapters(user_config, self.cfg)
-        for name, adapter in live.adapters.items():
-            if adapter.build_tiny:
-                await asyncio.to_thread(tiny_adapters.ensure, adapter.resolved_source(), name)
+        try:
+            live = parse_adapters(user_config, self.cfg)
+            for name, adapter in live.adapters.items():
+                if adapter.build_tiny:
+                    await asyncio.to_thread(tiny_adapters.ensure, adapter.resolved_source(), name)
+        except (ConfigError, OSError) as exc:
+            logger.error("user_config not applied, adapters unchanged: %s", exc)
+            self.adapter_errors = {"user_config": str(exc)}
+            return
         changes = await self.engine.set_adapters({name: a.resolved_source() for name, a in live.adapters.items()})
         self.adapter_errors = changes["failed"]  # kept out, named in info(); the others are served
+        self.checks.allowed = {name: frozenset(a.keys) for name, a in live.adapters.items() if a.keys is not None}
         self.checks.models = frozenset({self.cfg.model.name, *changes["served"]})
-        self.load.drop_adapters(set(changes["served"]))
+        for name in self.load.serve_adapters(set(changes["served"])):
+            self.metrics.adapters_held.set(0, tags={"model": name, "replica": self.replica_id})
 
     async def __serve_build_asgi_app__(self):
         """Serve's hook for a late-bound ingress app: built after the engine started."""
@@ -154,7 +168,8 @@ class LLMServer:
         """Serve's autoscaler reads this every `scaling.metrics_interval_s` (see autoscaling.py)."""
         return self.load.stats()
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
+        # a coroutine: Serve runs a plain method on a thread, where the adapter table may change under it
         link = {"router_link": {"engine_steps": self.link.steps, "most_running": self.link.busiest,
                                 "snapshots": self.link.seq}} if self.link is not None else {}
         return {"replica_id": self.replica_id, **self.engine.info(), **link,

@@ -18,13 +18,16 @@ def stream_last(body: dict, padding: int = 20 * 1024) -> bytes:
 def read_stream(client: httpx.Client, url: str, body: dict | bytes,
                 on_start: Callable[[Optional[str]], None]) -> tuple[Optional[str], str]:
     """(replica, outcome): "done" ([DONE] after the answer), "error event" (OpenAI's error event for a lost
-    replica, then [DONE]: the stream guard's ending) or "broken" (the connection ended without [DONE])."""
+    replica, then [DONE]: the stream guard's ending), "broken" (the connection ended without [DONE]) or
+    "status N: <body>" (answered with an error before streaming)."""
     replica, outcome, lost = None, "broken", False
     request = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
         else {"json": body}
     try:
         with client.stream("POST", url, **request) as r:
             replica = r.headers.get(REPLICA_HEADER)
+            if r.status_code != 200:  # refused before it streamed (what answered, for the failure message)
+                return replica, f"status {r.status_code}: {r.read()[:160]!r}"
             on_start(replica)
             for line in r.iter_lines():
                 lost |= line.startswith("data: {") and '"replica_lost"' in line

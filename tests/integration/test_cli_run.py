@@ -229,3 +229,51 @@ def test_a_taken_port_fails_at_once_in_one_line(tmp_path):
     assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0], output
     assert f"pid {os.getpid()}" in errors[0], errors  # the process holding it, when it can tell
     assert "Traceback" not in output, output
+
+
+def test_deploy_changes_the_adapters_of_a_running_app_in_place(tmp_path):
+    """deployments/local-cpu-lora.yaml under `mistral-ray run`; the file edited and `mistral-ray deploy`ed:
+    the adapters change, the replica stays; a change the running cluster cannot take is refused in one line."""
+    port = free_port()
+    raw = yaml.safe_load((PROJECT_ROOT / "deployments" / "local-cpu-lora.yaml").read_text())
+    raw["http_options"] = {"host": "127.0.0.1", "port": port}
+    raw["applications"][0]["args"]["observability"] = {"metrics_export_port": free_port(),
+                                                       "haproxy_metrics_port": free_port()}
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(config, {**os.environ, **free_haproxy_ports()})
+
+    def models() -> set:
+        return {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+
+    def deploy() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mistral_ray.cli", "deploy", str(config)], cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    try:
+        _wait_ready(proc)
+        assert models() == {"tiny-mistral", "ft-1", "ft-2", "ft-3", "ft-4"}
+        replica = httpx.post(f"{url}/v1/completions", json={"model": "ft-4", "prompt": "hi", "max_tokens": 2},
+                             timeout=60).headers["x-mistral-ray-replica"]
+        adapters = raw["applications"][0]["deployments"][0]["user_config"]["adapters"]
+        adapters["ft-5"] = {**adapters.pop("ft-4"), "source": adapters["ft-1"]["source"].replace("ft-1", "ft-5")}
+        config.write_text(yaml.safe_dump(raw))
+        done = deploy()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert models() == {"tiny-mistral", "ft-1", "ft-2", "ft-3", "ft-5"}
+        r = httpx.post(f"{url}/v1/completions", json={"model": "ft-5", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-mistral-ray-replica"] == replica  # the same replica
+        assert httpx.post(f"{url}/v1/completions", json={"model": "ft-4", "prompt": "hi"}, timeout=60).status_code == 404
+        raw["applications"][0]["args"]["router"]["haproxy_threads"] = 2  # HAProxy read it when it started
+        config.write_text(yaml.safe_dump(raw))
+        done = deploy()
+        assert done.returncode != 0 and "RAY_SERVE_HAPROXY_NBTHREAD" in done.stderr, done.stdout + done.stderr
+        assert "another cluster environment" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            for p in session_processes(proc.pid):
+                p.kill()

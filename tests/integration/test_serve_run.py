@@ -21,7 +21,16 @@ from tests.conftest import CLUSTER_ENV, LOCAL_CPU
 from tests.integration.processes import session_processes
 
 pytestmark = pytest.mark.integration
+# Ray's `serve` console script as a terminal's shell starts it: SIGINT at its default disposition and not
+# blocked. In whole-suite runs it sometimes never saw Ctrl-C (no "Got KeyboardInterrupt" in 180 s, its main
+# thread asleep in `serve run`'s wait loop): a process inherits an ignored or blocked signal from its parent,
+# and CPython installs its KeyboardInterrupt handler only over the default one. What it inherited is logged.
+# With a stack dump of every thread on SIGUSR1 (see test_ctrl_c_...).
 SERVE_CLI = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+             "print('inherited: SIGINT', signal.getsignal(signal.SIGINT), 'blocked', "
+             "sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])), flush=True); "
+             "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+             "signal.signal(signal.SIGINT, signal.default_int_handler); "
              "from ray.serve.scripts import cli; sys.argv[0] = 'serve'; sys.exit(cli())")
 
 

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-POLICY_ONLY = "With routing.policy: "  # a panel's description opening: it has data only under that policy
+# A panel's description opening: it has data only under that routing policy, or with LoRA adapters.
+CONDITIONAL = ("With routing.policy: ", "With engine.lora only")
 
 
 def panel_queries(range_interval: str = "1m", cluster: str = ".*", every_policy: bool = True) -> list[tuple[str, str]]:
@@ -27,7 +28,7 @@ def panel_queries(range_interval: str = "1m", cluster: str = ".*", every_policy:
     return [
         (panel["title"], t["expr"].replace("$__rate_interval", range_interval).replace("$cluster", cluster))
         for panel in dash["panels"]
-        if every_policy or not panel.get("description", "").startswith(POLICY_ONLY)
+        if every_policy or not panel.get("description", "").startswith(CONDITIONAL)
         for t in panel["targets"]
     ]
 

@@ -10,6 +10,13 @@ from mistral_ray.routing.policies import Load, make_policy
 from mistral_ray.server.load import Inflight
 
 
+SERVED = frozenset({"ft-1", "ft-2", "hot", *(f"cold-{k}" for k in range(10))})
+
+
+def L(replica, ongoing, adapters=frozenset()):  # noqa: N802 (a Load as a replica serving every adapter reports it)
+    return Load(replica, ongoing, adapters=frozenset(adapters), served=SERVED)
+
+
 class Clock:
     def __init__(self):
         self.now = 100.0
@@ -35,7 +42,7 @@ def test_an_adapter_goes_to_the_replica_holding_it():
     p = policy()
     for _ in range(9):  # base traffic: the adapter is a small share
         p.routed(RouteHint(), "a")
-    loads = [Load("a", 3), Load("b", 1, adapters=frozenset({"ft-1"}))]
+    loads = [L("a", 3), L("b", 1, {"ft-1"})]
     assert {route(p, "ft-1", loads) for _ in range(5)} == {"b"}
     assert p.decide(RouteHint(adapter="ft-1"), loads).reason == "adapter"
 
@@ -45,10 +52,10 @@ def test_a_new_adapter_goes_to_the_least_loaded_and_stays_there_before_reports_s
     p = policy(clock=clock)
     for _ in range(9):
         p.routed(RouteHint(), "a")
-    loads = [Load("a", 3), Load("b", 1), Load("c", 2)]
+    loads = [L("a", 3), L("b", 1), L("c", 2)]
     assert p.decide(RouteHint(adapter="ft-2"), loads).reason == "adapter_new"
     assert route(p, "ft-2", loads) == "b"
-    later = [Load("a", 3), Load("b", 3), Load("c", 0)]  # b got busier; its report does not list ft-2 yet
+    later = [L("a", 3), L("b", 3), L("c", 0)]  # b got busier; its report does not list ft-2 yet
     clock.now += 1
     assert route(p, "ft-2", later) == "b"
     clock.now += 5  # the pick is old and b never reported ft-2 (its engine let it go): a new home
@@ -57,14 +64,14 @@ def test_a_new_adapter_goes_to_the_least_loaded_and_stays_there_before_reports_s
 
 def test_a_hot_adapter_spreads_with_its_share_and_a_cold_one_does_not():
     p = policy()
-    loads = [Load(r, 0) for r in "abcd"]
-    hot = {route(p, "hot", [Load(l.replica, l.ongoing, adapters=frozenset()) for l in loads]) for _ in range(40)}
+    loads = [L(r, 0) for r in "abcd"]
+    hot = {route(p, "hot", [L(l.replica, l.ongoing) for l in loads]) for _ in range(40)}
     assert len(hot) == 4  # all of the traffic: every replica may hold it
     p = policy()
     held = {}
     for i in range(200):
         adapter = "hot" if i % 2 else f"cold-{i % 10}"
-        loads = [Load(r, 0, adapters=frozenset(a for a, rs in held.items() if r in rs)) for r in "abcd"]
+        loads = [L(r, 0, (a for a, rs in held.items() if r in rs)) for r in "abcd"]
         held.setdefault(adapter, set()).add(route(p, adapter, loads))
     assert len(held["hot"]) == 2  # half the traffic, 4 replicas: 2 hold it
     assert all(len(held[f"cold-{k}"]) == 1 for k in (0, 2, 4, 6, 8))  # 10 % each: one replica each
@@ -74,13 +81,13 @@ def test_an_overloaded_holder_gives_way():
     p = policy()
     for _ in range(9):
         p.routed(RouteHint(), "a")
-    loads = [Load("a", 20, adapters=frozenset({"ft-1"})), Load("b", 1)]
+    loads = [L("a", 20, {"ft-1"}), L("b", 1)]
     decision = p.decide(RouteHint(adapter="ft-1"), loads)
     assert decision.ranks[0] == ["b"] and decision.reason == "adapter_spread"
 
 
 def test_base_requests_and_the_inner_policy_are_untouched():
-    loads = [Load("a", 5), Load("b", 1, adapters=frozenset({"ft-1"}))]
+    loads = [L("a", 5), L("b", 1, {"ft-1"})]
     wrapped, plain = policy(), make_policy("pow2", imbalance=4, imbalance_ratio=1.5, kv_limit=0.95,
                                            index_blocks=64, max_sessions=8, rng=random.Random(0))
     assert wrapped.decide(RouteHint(), loads).ranks == plain.decide(RouteHint(), loads).ranks == [["b"], ["a"]]
@@ -103,11 +110,22 @@ def test_the_replica_reports_its_recent_adapters_least_recently_used_out():
     load.used("ft-1")
     assert "adapters" not in load.routing_stats()  # no LoRA: nothing reported
     load.adapter_slots = 2
-    for name in ("ft-1", "ft-2", "ft-1", "ft-3"):
-        load.used(name)
+    used = [load.used(name) for name in ("ft-1", "ft-2", "ft-1", "ft-3")]
+    assert used == [(True, []), (True, []), (False, []), (True, ["ft-2"])]  # loads and evictions, as counted
     assert load.routing_stats()["adapters"] == ["ft-1", "ft-3"]
-    load.drop_adapters({"ft-3"})
+    assert load.serve_adapters({"ft-3"}) == ["ft-1"]
+    assert load.routing_stats()["served_adapters"] == ["ft-3"]
     assert load.routing_stats()["adapters"] == ["ft-3"]
+
+
+def test_a_made_up_adapter_name_goes_by_the_policy_and_is_not_remembered():
+    p = policy()
+    loads = [L("a", 3), L("b", 1, {"ft-1"})]
+    for i in range(1000):
+        hint = RouteHint(adapter=f"junk-{i}")
+        assert p.decide(hint, loads).reason == "load"
+        p.routed(hint, "b")
+    assert not p.placed and set(p.traffic.counts) == {None}
 
 
 def test_decaying_counts_follow_the_mix():
@@ -118,3 +136,5 @@ def test_decaying_counts_follow_the_mix():
     for _ in range(10):
         counts.add("b", 30)  # a's requests are three windows old
     assert counts.share("b", 30) > 0.9
+    counts.add("a", 10_000)  # a thousand windows on: rescaled, no overflow, the old weights gone
+    assert counts.share("a", 10_000) == 1.0

@@ -44,6 +44,7 @@ def test_engine_lora_settings_reach_vllm_and_adapters_come_from_user_config(tmp_
     ({"engine": {"lora": {}}}, {"adapters": {"a": {}}}, "adapters.a.source"),
     ({"engine": {"lora": {}}}, {"adapter": {}}, "user_config.adapter"),
     ({"engine": {"lora": {"max_loras": 4, "max_cpu_loras": 2}}}, {}, "max_cpu_loras"),
+    ({"engine": {"lora": {}}}, {"adapters": {"a": {"source": "./a", "keys": ["team-a"]}}}, "api_keys.enabled"),
 ])
 def test_bad_adapter_config_names_the_field(tmp_path, args, user_config, message):
     with pytest.raises(ConfigError, match=message):
@@ -55,8 +56,15 @@ def test_no_user_config_serves_no_adapters():
     assert load_deployment(LOCAL_CPU).live.adapters == {}
 
 
+# sha256 (tiny_model.digest) of the tiny adapter ft-1 with the pinned numpy/safetensors: the same bytes everywhere.
+GOLDEN_FT1 = "597851274144dcabdaec5a2b4673cf66811cdf33cd33ceff023019457511f818"
+
+
 def test_tiny_adapters_are_reproducible_peft_lora(tmp_path):
+    from mistral_ray import tiny_model
+
     a = tiny_adapters.ensure(tmp_path / "ft-1")
+    assert tiny_model.digest(a) == GOLDEN_FT1
     b = tiny_adapters.ensure(tmp_path / "again", name="ft-1")
     c = tiny_adapters.ensure(tmp_path / "ft-2")
     read = lambda d: (d / "adapter_model.safetensors").read_bytes()  # noqa: E731
@@ -73,3 +81,20 @@ def test_tiny_adapters_are_reproducible_peft_lora(tmp_path):
     (tmp_path / "kept" / "x").write_text("mine")
     tiny_adapters.ensure(tmp_path / "kept")  # never replaces what is there
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["x"]
+
+
+def test_the_gpu_files_lora_example_validates_uncommented(tmp_path):
+    """deployments/mistral-7b-instruct-v0.1.yaml shows LoRA in comments: uncommented, it is a valid file."""
+    import re
+
+    from mistral_ray.config import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "deployments" / "mistral-7b-instruct-v0.1.yaml").read_text()
+    text = re.sub(r"^(\s*)# (lora: .*)$", r"\1\2", text, flags=re.M)
+    tail = text.index("    # deployments:")
+    text = text[:tail] + re.sub(r"^    # ", "    ", text[tail:], flags=re.M)
+    path = tmp_path / "gpu-lora.yaml"
+    path.write_text(text)
+    dep = load_deployment(path)
+    assert dep.service.engine.lora.max_loras == 4
+    assert set(dep.live.adapters) == {"support-bot", "sql-expert"}

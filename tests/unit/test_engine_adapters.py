@@ -4,6 +4,7 @@ without touching the others. vLLM's own LoRA config, PEFT reader and request typ
 import asyncio
 import json
 import types
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +18,19 @@ def table():
 
     from mistral_ray.engine.adapters import Adapters
 
+    loaded = []
+
+    async def add_lora(request):  # the engine's load: weights a test made unreadable fail it
+        if (Path(request.lora_path) / "unreadable").exists():
+            raise RuntimeError("Call to add_lora method failed: cannot read the weights")
+        loaded.append(request.lora_name)
+        return True
+
     llm = types.SimpleNamespace(vllm_config=types.SimpleNamespace(lora_config=LoRAConfig(max_loras=2, max_lora_rank=8)),
-                                model_config=types.SimpleNamespace(max_model_len=2048))
+                                model_config=types.SimpleNamespace(max_model_len=2048), add_lora=add_lora,
+                                loaded=loaded)
     models = types.SimpleNamespace(lora_requests={}, lora_id_counter=AtomicCounter(0))
+    models.llm = llm
     return Adapters(llm, models, "tiny-mistral"), models
 
 
@@ -36,6 +47,7 @@ def test_add_change_remove(table, tmp_path):
     out = asyncio.run(adapters.apply({"ft-1": str(moved)}))
     assert out == {"added": ["ft-1"], "removed": ["ft-2"], "failed": {}, "served": ["ft-1"]}
     assert models.lora_requests["ft-1"].lora_int_id != first.lora_int_id  # the engine tells them apart
+    assert models.llm.loaded == ["ft-1", "ft-2", "ft-1"]  # loaded by the engine once each, before serving
 
 
 def test_a_bad_adapter_is_kept_out_and_changes_nothing_else(table, tmp_path):
@@ -45,8 +57,12 @@ def test_a_bad_adapter_is_kept_out_and_changes_nothing_else(table, tmp_path):
     wide = tiny_adapters.ensure(tmp_path / "wide")
     cfg = json.loads((wide / "adapter_config.json").read_text())
     (wide / "adapter_config.json").write_text(json.dumps({**cfg, "r": 64}))
-    out = asyncio.run(adapters.apply({"ft-1": str(tmp_path / "missing"), "wide": str(wide), "ok": str(one)}))
-    assert set(out["failed"]) == {"ft-1", "wide"} and "max_lora_rank" in out["failed"]["wide"]
+    hollow = tiny_adapters.ensure(tmp_path / "hollow")
+    (hollow / "unreadable").touch()
+    out = asyncio.run(adapters.apply({"ft-1": str(tmp_path / "missing"), "wide": str(wide), "ok": str(one),
+                                      "hollow": str(hollow)}))
+    assert set(out["failed"]) == {"ft-1", "wide", "hollow"} and "max_lora_rank" in out["failed"]["wide"]
+    assert "the engine cannot load it" in out["failed"]["hollow"]
     assert "adapter_config.json" in out["failed"]["ft-1"]
     assert models.lora_requests["ft-1"].lora_path == str(one)  # the old source stays served
     assert out["served"] == ["ft-1", "ok"]

@@ -22,7 +22,7 @@ from mistral_ray.server.errors import REPLICA_HEADER
 from mistral_ray.server.replica import LLMServer
 
 
-def vllm_like_app(started: list, cancelled: list) -> FastAPI:
+def vllm_like_app(started: list, cancelled: list, adapters: tuple = ()) -> FastAPI:
     """The shapes vLLM's own app answers with: unary JSON with usage, SSE chunks with an optional usage
     chunk, vLLM's error body (its own `type`, an integer `code`), a slow request, and an exception."""
     app = FastAPI()
@@ -65,7 +65,8 @@ def vllm_like_app(started: list, cancelled: list) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "tiny-mistral", "object": "model"}]}
+        return {"object": "list", "data": [{"id": "tiny-mistral", "object": "model"}] + [
+            {"id": m, "object": "model", "root": f"/srv/adapters/{m}", "parent": "tiny-mistral"} for m in adapters]}
 
     for path in ("/invocations", "/v1/chat/completions/batch", "/inference/v1/generate", "/ping"):
         app.add_api_route(path, lambda: {"served": "by vLLM"}, methods=["GET", "POST"])  # vLLM has them too
@@ -81,9 +82,14 @@ def vllm_like_app(started: list, cancelled: list) -> FastAPI:
 class FakeEngine:
     def __init__(self, healthy=True):
         self.started, self.cancelled, self.healthy = [], [], healthy
+        self.adapters = []
 
     def build_app(self):
-        return vllm_like_app(self.started, self.cancelled)
+        return vllm_like_app(self.started, self.cancelled, self.adapters)
+
+    async def set_adapters(self, wanted):
+        self.adapters[:] = sorted(wanted)
+        return {"added": sorted(wanted), "removed": [], "failed": {}, "served": sorted(wanted)}
 
     def read_request(self, route, payload):
         from mistral_ray.engine.requests import read  # vLLM's own request models: the real reading
@@ -198,6 +204,25 @@ def test_adapters_the_replica_serves_are_admitted_and_labelled_others_are_404():
     for model in ("ft-2", ["ft-1"], {"a": 1}):
         assert call(s, "POST", "/v1/completions", json={"model": model, "prompt": "hi"}).status_code == 404
     assert s.metrics.models == ["ft-1", None, None, None]  # refused names make no series
+
+
+def test_an_adapter_with_an_allow_list_is_404_and_unlisted_for_other_keys(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("team-a:sk-aaaaaaaaaaaa\nteam-b:sk-bbbbbbbbbbbb\n")
+    s = asyncio.run(server(keys_file=keys, engine=None))
+    s.cfg = parse_service({"engine": {"lora": {}}, "router": {"api_keys": {"enabled": True, "file": str(keys)}}})
+    asyncio.run(s.reconfigure({"adapters": {"a-only": {"source": "/a", "keys": ["team-a"]}, "shared": {"source": "/s"}}}))
+    a, b = ({"authorization": f"Bearer sk-{c * 12}"} for c in "ab")
+    body = {"model": "a-only", "prompt": "hi"}
+    assert call(s, "POST", "/v1/completions", json=body, headers=a).status_code == 200
+    r = call(s, "POST", "/v1/completions", json=body, headers=b)
+    assert r.status_code == 404 and openai_error(r)["code"] == "model_not_found"  # as if it did not exist
+    assert call(s, "POST", "/v1/completions", json={**body, "model": "shared"}, headers=b).status_code == 200
+    listed = lambda h: [m["id"] for m in call(s, "GET", "/v1/models", headers=h).json()["data"]]  # noqa: E731
+    assert listed(a) == ["tiny-mistral", "a-only", "shared"] and listed(b) == ["tiny-mistral", "shared"]
+    r = call(s, "GET", "/v1/models", headers=b)
+    assert int(r.headers["content-length"]) == len(r.content) and r.headers[REPLICA_HEADER] == s.replica_id
+    assert "/srv/adapters" not in r.text  # an adapter's directory is the server's business
 
 
 def test_ttft_is_observed_for_streamed_generation_only_and_unary_answers_get_their_latency():

@@ -114,3 +114,27 @@ def test_write_into_keeps_comments(tmp_path):
     svc = load_deployment(path).service
     assert svc.scaling.max_replicas == p.replicas and svc.engine.max_num_seqs == p.max_seqs_per_replica
     assert "# Mistral-7B-Instruct-v0.1 on NVIDIA GPUs" in path.read_text()
+
+
+def test_lora_slots_come_out_of_the_gpu_kv_budget():
+    from mistral_ray import planner
+
+    shape = planner.PRESETS["mistral-7b-v0.1"]
+    # q, k, v, o, gate, up, down of 32 layers: (in + out) = 81920 per layer, times the rank, bf16
+    assert planner.lora_slot_bytes(shape, 16, "bfloat16") == 32 * 81920 * 16 * 2
+    plain = planner.plan(shape, 32768, 64, gpu_memory_gib=22)
+    lora = planner.plan(shape, 32768, 64, gpu_memory_gib=22, max_loras=4, max_lora_rank=16)
+    assert lora.lora_slots_gib == 0.312 and plain.lora_slots_gib == 0
+    assert round(plain.kv_budget_gib - lora.kv_budget_gib, 2) == 0.31
+
+
+def test_the_shape_read_from_a_checkpoint_sizes_its_lora_slots(tmp_path):
+    import json
+
+    from mistral_ray import planner, tiny_model
+
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_model.ARCH, "vocab_size": 1024}))
+    tiny = planner.ModelShape.from_hf_config(tmp_path)
+    assert (tiny.hidden_size, tiny.intermediate_size, tiny.num_heads) == (256, 512, 8)
+    # per layer: q 256+256, k and v 256+64 each, o 256+256, gate and up 256+512 each, down 512+256
+    assert planner.lora_slot_bytes(tiny, 8, "float32") == 2 * (512 + 640 + 512 + 1536 + 768) * 8 * 4
