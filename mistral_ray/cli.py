@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import signal
 import sys
@@ -47,7 +48,9 @@ def _run(args: argparse.Namespace) -> int:
         address = _address_file(dep, args.port)
         address.parent.mkdir(parents=True, exist_ok=True)
         # for `mistral-ray deploy` of this file: where the cluster is, and the environment it started with
-        address.write_text(json.dumps({"gcs": running.gcs_address, "env": node_env(dep)}))
+        # (and Ray's auth mode: a local cluster turns token auth on in this process; the token is ~/.ray's)
+        address.write_text(json.dumps({"gcs": running.gcs_address, "env": node_env(dep),
+                                       "auth": os.environ.get("RAY_AUTH_MODE")}))
         print(f"mistral-ray ready: {running.base_url}/v1 (started in {running.startup_s:.1f}s)", flush=True)
         while not stop.wait(1):
             pass
@@ -74,8 +77,6 @@ def _address_file(dep, port):
 
 def _deploy(args: argparse.Namespace) -> int:
     """Deploy a changed file to the cluster `mistral-ray run` started for it (found by its HTTP address)."""
-    import os
-
     from mistral_ray import launcher
     from mistral_ray.options import node_env
 
@@ -93,6 +94,8 @@ def _deploy(args: argparse.Namespace) -> int:
               "it again with this file", file=sys.stderr)
         return 1
     os.environ.update(running["env"])  # before Ray is imported: this driver joins that cluster as its nodes are
+    if running.get("auth"):
+        os.environ["RAY_AUTH_MODE"] = running["auth"]
     import ray
 
     ray.init(address=running["gcs"], namespace="mistral-ray", log_to_driver=False)
