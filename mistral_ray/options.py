@@ -189,7 +189,7 @@ def llm_deployment_options(cfg: ServiceConfig) -> dict[str, Any]:
         request_router_config=dict(
             request_router_class=REQUEST_ROUTER,
             request_router_kwargs={**routing.model_dump(), "metrics": cfg.observability.request_metrics,
-                                   "adapters": cfg.engine.lora is not None},
+                                   "adapters": cfg.engine.lora.max_loras if cfg.engine.lora is not None else 0},
             request_routing_stats_period_s=routing.stats_period_s,
             request_routing_stats_timeout_s=max(1.0, routing.stats_period_s),
         ),

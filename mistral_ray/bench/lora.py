@@ -6,9 +6,9 @@ ft-8): `aware` (pow2 with adapter affinity, the default) and `pow2` (adapter aff
 blind to adapters, as ray.serve.llm's HAProxy path routes them). Against each, streamed completions at
 concurrency 8 with seeded random prompts whose `model` is an adapter drawn with a skew (ft-1 hot):
 
-- `skewed`: ft-1 half of the requests, the 7 others share the rest: TTFT p50/p95, req/s, adapter loads and
-  evictions (the replicas' counters), requests per replica against the mean;
-- `rising`: ft-1 at 30 % then at 80 %: how many replicas served ft-1 in each phase (its share of the fleet);
+- `rising 30%`, `skewed`, `rising 80%`, in this order: ft-1 has 30 %, half, then 80 % of the requests, the 7
+  others share the rest: TTFT p50/p95, req/s, adapter loads and evictions (the replicas' counters), requests
+  per replica against the mean, and how many replicas served ft-1 (its share of the fleet);
 - vLLM's own client (`vllm bench serve --lora-modules`, adapters drawn uniformly): req/s and TTFT.
 
 Prints a table and writes every row to DIR/lora.json.
@@ -126,7 +126,8 @@ def main(argv=None) -> int:
                 asyncio.run(drive(target.base_url, warmup_prompts("tiny-mistral", 4), 2, headers=target.headers,
                                   progress=False))
                 seed = 1000 * run
-                for workload, hot, n in (("skewed", 0.5, args.requests), ("rising 30%", 0.3, args.requests // 2),
+                # ft-1 at 30 %, then half, then 80 % of the requests: its share of the fleet should follow
+                for workload, hot, n in (("rising 30%", 0.3, args.requests // 2), ("skewed", 0.5, args.requests),
                                          ("rising 80%", 0.8, args.requests // 2)):
                     row, _ = level(target, calls(n, hot, seed + int(100 * hot)), workload)
                     rows.append({"run": run + 1, **row})

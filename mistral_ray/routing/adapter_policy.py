@@ -5,26 +5,37 @@ model requests go to it untouched. For adapter requests it narrows the candidate
 
 Only adapters the replicas report serving count (a made-up `model` goes by the policy alone, and 404s).
 
+- running: replicas with requests for A in their engine now (reported with their load, plus this router's
+  picks of the last `fresh_s`): A's next request joins that batch without taking one of the engine's
+  `max_loras` slots (vLLM makes a request for an adapter beyond them wait in its queue);
 - holders: replicas whose engine holds A (each replica reports the adapters its engine keeps loaded, least
   recently used out as vLLM's own cache, `server/load.py`), and those this router sent A to in the last
   `placed_s` (`adapter_window_s`: their report may not show it yet, so a burst of A's first requests does
   not load it everywhere, and a replica that served A lately stays its home while A's traffic goes on);
 - A's share of the fleet: A's part of the requests this router placed over about `window_s` (decaying),
   times the replicas, times `spread`, rounded up: an adapter with 60 % of the traffic on 2 replicas may use
-  both, one with 10 % stays on one. While A has fewer holders with room than that, the least loaded other
-  replica is added (it loads A on the request), and so is one when every holder is overloaded (the
-  policy's `imbalance` rule);
+  both, one with 10 % stays on one. While A runs on fewer replicas with room (the policy's `imbalance`
+  rule) than that, one more joins them, the least loaded of: those with a free slot that hold A, else any
+  with a free slot, else those holding A, else any; while it runs on more (its share fell), only the first
+  of them in an order of A's own (rendezvous hashing) get its requests, and the others drain;
 - the wrapped policy ranks those candidates (the prefix or KV hit among them); the others follow by load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Callable, Optional
 
 from mistral_ray.routing.hint import RouteHint
 from mistral_ray.routing.policies import Decision, Load, Policy, _averaged
+
+
+def _rendezvous(adapter: str, replica: str) -> bytes:
+    """A replica order of its own for every adapter (highest random weight hashing): stable as replicas come
+    and go, and different adapters prefer different replicas."""
+    return hashlib.blake2b(f"{adapter}\0{replica}".encode(), digest_size=8).digest()
 
 
 MAX_PLACED = 1024  # adapters remembered per replica before the expired ones are swept
@@ -63,10 +74,11 @@ class DecayingCounts:
 
 
 class AdapterAffinity(Policy):
-    def __init__(self, inner: Policy, spread: float, window_s: float, placed_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, inner: Policy, spread: float, window_s: float, placed_s: float, slots: int = 1,
+                 fresh_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
         super().__init__(inner.imbalance, inner.imbalance_ratio, inner.kv_limit, inner.rng)
         self.inner, self.spread, self.placed_s, self.clock = inner, spread, placed_s, clock
+        self.slots, self.fresh_s = slots, fresh_s  # max_loras; how long a pick counts as running there
         self.name = inner.name
         self.traffic = DecayingCounts(window_s)
         self.known: frozenset = frozenset()  # the adapters the replicas serve, as last reported
@@ -78,6 +90,14 @@ class AdapterAffinity(Policy):
         share = self.traffic.share(adapter, now)
         return max(1, min(replicas, math.ceil(self.spread * share * replicas - 1e-9)))
 
+    def _running(self, load: Load, now: float) -> set:
+        """Adapters with requests in the replica's engine: as it reported them, and as sent there since."""
+        recent = {a for a, t in self.placed.get(load.replica, {}).items() if now - t < self.fresh_s}
+        return set(load.active) | recent
+
+    def _held(self, load: Load, adapter: str, now: float) -> bool:
+        return adapter in load.adapters or now - self.placed.get(load.replica, {}).get(adapter, -math.inf) < self.placed_s
+
     def decide(self, hint: Optional[RouteHint], loads: list[Load]) -> Decision:
         # Only adapters some replica serves: a made-up name (the router reads bodies before any key check)
         # goes by the policy alone, and the replica answers 404; it is not remembered here.
@@ -85,15 +105,23 @@ class AdapterAffinity(Policy):
         if hint is None or hint.adapter not in self.known or not loads:
             return self.inner.decide(hint, loads)
         now, adapter = self.clock(), hint.adapter
-        holders = [l for l in loads if adapter in l.adapters
-                   or now - self.placed.get(l.replica, {}).get(adapter, -math.inf) < self.placed_s]
-        usable = [l for l in holders if not self._overloaded(l, loads)]
-        reason = "adapter"
-        if len(usable) < self.wanted(adapter, len(loads), now):
-            others = [l for l in loads if l not in holders]
-            if others:  # one more replica takes the adapter: the least loaded of the others
-                usable.append(min(others, key=lambda l: (_averaged(l), l.kv_usage, self.rng.random())))
-                reason = "adapter_spread" if holders else "adapter_new"
+        room = [l for l in loads if not self._overloaded(l, loads)]
+        running = {l.replica: self._running(l, now) for l in loads}
+        # Where A runs now: its requests join the batch without taking another of the engine's max_loras slots.
+        usable = [l for l in room if adapter in running[l.replica]]
+        reason, wanted = "adapter", self.wanted(adapter, len(loads), now)
+        if len(usable) > wanted:  # more than its share: the same `wanted` of them each time, the others drain
+            usable = sorted(usable, key=lambda l: _rendezvous(adapter, l.replica))[:wanted]
+        elif len(usable) < wanted:
+            # One more replica takes A: one with a free slot that holds A, else any with a free slot (a request
+            # for an adapter beyond max_loras waits in the engine's queue), else one holding A, else by load.
+            others = [l for l in room if l not in usable]
+            free = [l for l in others if len(running[l.replica]) < self.slots]
+            pool = ([l for l in free if self._held(l, adapter, now)] or free
+                    or [l for l in others if self._held(l, adapter, now)] or others)
+            if pool:
+                usable.append(min(pool, key=lambda l: (_averaged(l), l.kv_usage, self.rng.random())))
+                reason = "adapter_spread" if usable[:-1] else "adapter_new"
         if not usable:
             return Decision(self._by_load(loads), "overloaded")
         ranked = self.inner.decide(hint, usable).ranks

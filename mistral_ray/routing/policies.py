@@ -34,6 +34,7 @@ ARRIVALS = "arrivals"  # a replica's routing stat: {picker id: requests it recei
 KV_EVENTS = "kv_events"
 ADAPTERS = "adapters"  # a replica's routing stat: the LoRA adapters its engine holds now
 SERVED = "served_adapters"  # ... and those it serves
+ACTIVE = "active_adapters"  # ... and those of the requests it holds now
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Load:
     average: Optional[float] = None  # `ongoing` averaged over the last moments (LoadAverage); None: ongoing
     adapters: frozenset = frozenset()  # LoRA adapters its engine holds (adapter_policy.py)
     served: frozenset = frozenset()  # LoRA adapters it serves (its config's, as applied)
+    active: frozenset = frozenset()  # LoRA adapters of the requests it holds now
 
 
 class LoadAverage:

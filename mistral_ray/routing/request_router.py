@@ -32,8 +32,8 @@ from mistral_ray.config import RoutingConfig
 from mistral_ray.metrics import RoutingMetrics
 from mistral_ray.routing.hint import RouteHint
 from mistral_ray.routing.adapter_policy import AdapterAffinity
-from mistral_ray.routing.policies import (ADAPTERS, ARRIVALS, KV_EVENTS, SERVED, Load, LoadAverage, Policy,
-                                          make_policy)
+from mistral_ray.routing.policies import (ACTIVE, ADAPTERS, ARRIVALS, KV_EVENTS, SERVED, Load, LoadAverage,
+                                          Policy, make_policy)
 
 
 def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
@@ -51,9 +51,9 @@ def _hint(pending: Optional[PendingRequest]) -> Optional[RouteHint]:
 class LLMRequestRouter(FIFOMixin, RequestRouter):
     """`request_router_config.request_router_class` of the LLM deployment."""
 
-    def initialize_state(self, metrics: bool = True, adapters: bool = False, **routing: Any) -> None:
+    def initialize_state(self, metrics: bool = True, adapters: int = 0, **routing: Any) -> None:
         """`routing`: the config's `router.routing` section (request_router_kwargs); defaults live there.
-        `metrics`: observability.request_metrics. `adapters`: the app serves LoRA adapters (engine.lora)."""
+        `metrics`: observability.request_metrics. `adapters`: engine.lora.max_loras (0: no LoRA adapters)."""
         cfg = RoutingConfig(**routing)
         self.metrics = RoutingMetrics(self._deployment_id.app_name, cfg.policy, enabled=metrics)
         self.feed = None
@@ -66,7 +66,8 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             index_blocks=cfg.index_blocks, max_sessions=cfg.max_sessions, feed=self.feed)
         if adapters and cfg.adapter_affinity:
             self.policy = AdapterAffinity(self.policy, cfg.adapter_spread, cfg.adapter_window_s,
-                                          placed_s=cfg.adapter_window_s)
+                                          placed_s=cfg.adapter_window_s, slots=int(adapters),
+                                          fresh_s=max(1.0, 2 * cfg.stats_period_s))
         self.in_flight: Counter[str] = Counter()  # sent through Serve, not completed (proxy path)
         self.picks: dict[str, Counter[str]] = {}  # picker -> replica -> picks (ingress-router path)
         # Picks of the last few reports' time: a pick that never arrives (HAProxy sent it elsewhere after a
@@ -99,7 +100,8 @@ class LLMRequestRouter(FIFOMixin, RequestRouter):
             unseen = min(picks[rid] - arrived, self._recent(rid))
         ongoing = max(reported + unseen, self.in_flight.get(rid, 0))
         average = self.average.update(rid, ongoing, time.monotonic())
-        return Load(rid, ongoing, kv, average, frozenset(stats.get(ADAPTERS) or ()), frozenset(stats.get(SERVED) or ()))
+        return Load(rid, ongoing, kv, average, frozenset(stats.get(ADAPTERS) or ()), frozenset(stats.get(SERVED) or ()),
+                    frozenset(stats.get(ACTIVE) or ()))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None

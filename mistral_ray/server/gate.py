@@ -132,6 +132,7 @@ class Gate:
             request = await self.checks.admit(route, scope["method"], headers, receive, key_id,
                                               request_id.decode("latin-1") if request_id else None)
             if request.seq is not None and request.model not in (None, self.metrics.model):
+                request.seq.adapter = request.model
                 self.metrics.adapter_used(request.model, *self.load.used(request.model))
             predicted = headers.get(_PREDICTED) if self.trust_request_id else None  # set by our router only
             if route.label == "chat":

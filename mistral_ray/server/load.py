@@ -16,7 +16,7 @@ from itertools import chain, repeat
 from typing import Callable, Optional
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
-from mistral_ray.routing.policies import ADAPTERS, ARRIVALS, SERVED, kv_usage
+from mistral_ray.routing.policies import ACTIVE, ADAPTERS, ARRIVALS, SERVED, kv_usage
 
 
 MAX_PICKERS = 256  # ingress routers, one per node
@@ -26,10 +26,11 @@ _PICKER_CHARS = 64
 class Sequence:
     """One admitted request: `width` sequences in the engine (n x prompts) of about `tokens` each."""
 
-    __slots__ = ("tokens", "width", "started")
+    __slots__ = ("tokens", "width", "started", "adapter")
 
     def __init__(self, tokens: float, width: int = 1):
         self.tokens, self.width, self.started = tokens, max(1, width), False
+        self.adapter: Optional[str] = None  # the LoRA adapter it runs on (None: the base model)
 
     def grow(self) -> None:
         """One streamed chunk: a token of one of its `width` sequences."""
@@ -115,6 +116,7 @@ class Inflight:
         stats = {**self.stats(), ARRIVALS: dict(self.arrivals)}
         if self.adapter_slots:
             stats[ADAPTERS], stats[SERVED] = list(self.adapters), self.served
+            stats[ACTIVE] = sorted({s.adapter for s in self.sequences if s.adapter})
         return stats
 
 

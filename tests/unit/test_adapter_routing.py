@@ -13,8 +13,8 @@ from mistral_ray.server.load import Inflight
 SERVED = frozenset({"ft-1", "ft-2", "hot", *(f"cold-{k}" for k in range(10))})
 
 
-def L(replica, ongoing, adapters=frozenset()):  # noqa: N802 (a Load as a replica serving every adapter reports it)
-    return Load(replica, ongoing, adapters=frozenset(adapters), served=SERVED)
+def L(replica, ongoing, adapters=frozenset(), active=frozenset()):  # noqa: N802 (a replica serving every adapter)
+    return Load(replica, ongoing, adapters=frozenset(adapters), served=SERVED, active=frozenset(active))
 
 
 class Clock:
@@ -25,10 +25,10 @@ class Clock:
         return self.now
 
 
-def policy(inner="pow2", spread=1.0, clock=None):
+def policy(inner="pow2", spread=1.0, clock=None, slots=2):
     base = make_policy(inner, imbalance=4, imbalance_ratio=1.5, kv_limit=0.95, index_blocks=64, max_sessions=8,
                        rng=random.Random(0))
-    return AdapterAffinity(base, spread, window_s=30, placed_s=2, clock=clock or Clock())
+    return AdapterAffinity(base, spread, window_s=30, placed_s=2, slots=slots, fresh_s=1, clock=clock or Clock())
 
 
 def route(p, adapter, loads):
@@ -62,6 +62,21 @@ def test_a_new_adapter_goes_to_the_least_loaded_and_stays_there_before_reports_s
     assert route(p, "ft-2", later) == "c"
 
 
+def test_an_adapter_joins_the_batch_it_runs_in_and_a_new_one_takes_a_free_slot():
+    """max_loras 2: b runs ft-1 and ft-2 (slots full), a runs ft-3 (one slot free)."""
+    clock = Clock()
+    p = policy(clock=clock)
+    for _ in range(20):
+        p.routed(RouteHint(), "a")
+    loads = [L("a", 2, active={"ft-3"}), L("b", 3, active={"ft-1", "ft-2"})]
+    assert route(p, "ft-1", loads) == "b"  # no new slot taken, though b is busier (within the imbalance)
+    assert p.decide(RouteHint(adapter="ft-9x"), loads).reason == "load"  # not served: the policy alone
+    clock.now += 5
+    busy_a = [L("a", 3, active={"ft-3"}), L("b", 2, active={"ft-1", "ft-2"})]
+    assert route(p, "hot", busy_a) == "a"  # b is less loaded, but a request there would wait for a slot
+    assert route(p, "hot", busy_a) == "a"  # a now runs it (picked within fresh_s)
+
+
 def test_a_hot_adapter_spreads_with_its_share_and_a_cold_one_does_not():
     p = policy()
     loads = [L(r, 0) for r in "abcd"]
@@ -77,13 +92,21 @@ def test_a_hot_adapter_spreads_with_its_share_and_a_cold_one_does_not():
     assert all(len(held[f"cold-{k}"]) == 1 for k in (0, 2, 4, 6, 8))  # 10 % each: one replica each
 
 
+def test_a_cooling_adapter_drains_from_the_replicas_beyond_its_share():
+    p = policy()
+    for _ in range(30):
+        p.routed(RouteHint(), "a")  # ft-1 is a small share now
+    loads = [L("a", 2, active={"ft-1"}), L("b", 2, active={"ft-1"})]
+    assert len({route(p, "ft-1", loads) for _ in range(10)}) == 1  # one of them, the same one each time
+
+
 def test_an_overloaded_holder_gives_way():
     p = policy()
     for _ in range(9):
         p.routed(RouteHint(), "a")
     loads = [L("a", 20, {"ft-1"}), L("b", 1)]
     decision = p.decide(RouteHint(adapter="ft-1"), loads)
-    assert decision.ranks[0] == ["b"] and decision.reason == "adapter_spread"
+    assert decision.ranks[0] == ["b"] and decision.reason == "adapter_new"  # runs on no replica with room
 
 
 def test_base_requests_and_the_inner_policy_are_untouched():
