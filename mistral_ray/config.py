@@ -306,14 +306,14 @@ class RoutingConfig(_Strict):
     )
     stats_period_s: float = Field(0.5, gt=0, description="How often Serve reads each replica's load.")
     adapter_affinity: bool = Field(
-        True, description="With LoRA adapters (engine.lora): route an adapter's requests to the replicas holding "
-        "it (below). false: the policy alone, blind to adapters (for comparison: the bench's `pow2` LoRA target)."
+        True, description="With LoRA adapters (engine.lora): route an adapter's requests to the replicas running "
+        "it, else to one with a free adapter slot (routing/adapter_policy.py). false: the policy alone, blind to "
+        "adapters (for comparison: the LoRA bench's `pow2` target)."
     )
     adapter_spread: float = Field(
-        1.0, gt=0, description="With LoRA adapters (engine.lora): an adapter may be held by its share of the "
+        1.0, gt=0, description="With LoRA adapters (engine.lora): an adapter may run on its share of the "
         "requests times the replicas times this, rounded up (at least 1): at 1.0 an adapter with 60 % of the "
-        "traffic on 2 replicas uses both, one with 10 % stays on one replica. Requests for an adapter go to "
-        "replicas holding it; one more replica takes it while fewer hold it with room (routing/adapter_policy.py)."
+        "traffic on 2 replicas uses both, one with 10 % stays on one replica (routing/adapter_policy.py)."
     )
     adapter_window_s: float = Field(
         30, gt=0, description="An adapter's share of the traffic counts each request for about this long "
@@ -483,16 +483,21 @@ class DeploymentFile(BaseModel):
         return f"http://{self.http.host}:{self.http.port}{self.route_prefix.rstrip('/')}"
 
 
+def _invalid(exc: ValidationError, where: str) -> ConfigError:
+    """One line per offending field, named by its dotted path under `where`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {where}.{loc}: {err['msg']}" if loc else f"  {where}: {err['msg']}")
+    return ConfigError("invalid mistral-ray config:\n" + "\n".join(lines))
+
+
 def parse_service(args: dict[str, Any] | None, where: str = "args") -> ServiceConfig:
     """Validate application args; errors name each offending field by its dotted path."""
     try:
         return ServiceConfig.model_validate(args or {})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}.{loc}: {err['msg']}" if loc else f"  {where}: {err['msg']}")
-        raise ConfigError("invalid mistral-ray config:\n" + "\n".join(lines)) from None
+        raise _invalid(exc, where) from None
 
 
 def parse_adapters(user_config: dict[str, Any] | None, service: ServiceConfig,
@@ -501,8 +506,7 @@ def parse_adapters(user_config: dict[str, Any] | None, service: ServiceConfig,
     try:
         live = AdaptersConfig.model_validate(user_config or {})
     except ValidationError as exc:
-        lines = [f"  {where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("invalid mistral-ray config:\n" + "\n".join(lines)) from None
+        raise _invalid(exc, where) from None
     if live.adapters and service.engine.lora is None:
         raise ConfigError(f"invalid mistral-ray config:\n  {where}.adapters: adapters need engine.lora in the "
                           "application's args (the engine's LoRA slots)")

@@ -25,7 +25,8 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Whether a server can bind `port` now (nothing listens on it or holds it bound)."""
     with socket.socket() as s:
         # as servers bind (HAProxy, uvicorn, Ray): a port whose old connections linger in TIME_WAIT is free
         # to them; one something listens on is not
@@ -43,14 +44,10 @@ def free_port() -> int:
     if high - _LOW >= 256:
         for _ in range(200):
             port = random.randint(_LOW, high)
-            if port not in _given and _bindable(port):
+            if port not in _given and bindable(port):
                 _given.add(port)
                 return port
     with socket.socket() as s:  # a machine whose ephemeral range starts low: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def bindable(port: int) -> bool:
-    """Whether a server can bind `port` now (nothing listens on it or holds it bound)."""
-    return _bindable(port)

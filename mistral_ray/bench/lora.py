@@ -95,11 +95,11 @@ def level(target: Target, work: list, label: str) -> tuple[dict, list]:
 
 
 def vllm_level(target: Target, workdir: Path, seed: int) -> dict:
-    from mistral_ray.config import PROJECT_ROOT
+    from mistral_ray.bench.targets import bench_service
 
     out = workdir / f"{target.label}-vllm-lora.json"
     opts = {"requests": 160, "seed": seed, "input_len": 128, "output_len": 32}
-    cmd = vllm_client.command(target, "tiny-mistral", str(PROJECT_ROOT / ".state/models/tiny-mistral"), "random",
+    cmd = vllm_client.command(target, "tiny-mistral", bench_service().model.resolved_source(), "random",
                               8, out, opts) + ["--lora-modules", *ADAPTERS]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": "unused"})
     if done.returncode != 0 or not out.exists():
