@@ -338,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("url", nargs="?", help="a running server's root, e.g. http://127.0.0.1:8000")
     b.add_argument("--targets", nargs="+", metavar="SPEC", help="servers to start and compare, one after the "
-                   "other: ours:<pow2|prefix_affinity|kv_aware|session>[:<replicas>], vllm, "
+                   "other: ours:<pow2|prefix_affinity|kv_aware|session>[:<replicas>[:<router field>=<value>,...]], vllm, "
                    "ray-serve-llm[:<replicas>], ray-serve-llm:direct, ray-serve-llm:prefix[:<replicas>], label=url")
     b.add_argument("--replicas", type=int, default=2, help="replicas for ours/ray-serve-llm targets")
     b.add_argument("--workload", nargs="+", choices=["random", "chat"], default=["random"],

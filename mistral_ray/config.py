@@ -379,6 +379,13 @@ class RouterConfig(_Strict):
         "serving a stream dies mid-answer (its node lost), the client gets OpenAI's error event and [DONE] "
         "instead of a cut connection. Costs one more hop inside HAProxy per streamed request."
     )
+    migration_limit: int = Field(
+        2, ge=0, le=8, description="How often the stream guard continues one stream on another replica when the "
+        "replica serving it is lost mid-answer (0: never; the client gets the error event). 2, not 1: a lost "
+        "node takes all of its replicas at once, and a continuation sent before the routers learned it may "
+        "land on another replica of that node; a third loss in a row is an outage, not a lost replica. "
+        "Needs stream_guard; what cannot be continued exactly is listed in the README (Stream migration)."
+    )
     haproxy_threads: int = Field(2, ge=1, description="HAProxy worker threads per node (Ray's default is 4).")
     retries: int = Field(
         1, ge=0, description="How often HAProxy sends a request again, to another replica, when the replica "

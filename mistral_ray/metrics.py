@@ -13,12 +13,17 @@ import time
 
 from ray.util import metrics
 
+from mistral_ray.server.migration import FAILED, NOT_POSSIBLE, OUTCOMES
+
 # LLM latencies span 10 ms (a cached first token) to minutes (long generations): web-default buckets
 # (5 ms .. 10 s) would put every long request in +Inf.
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640]
 # |engine's cached prompt tokens - router's prediction|: 0 lands in the first bucket (misses are whole blocks).
 KV_ERROR_BUCKETS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384]
+# A migrated stream's pause, cut to continuation's first event: a replica's death is noticed at once (its
+# connection closes), then routing and the continuation's prefill.
+MIGRATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 ROUTE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]
 
 REJECT_REASONS = (
@@ -117,6 +122,18 @@ class RequestMetrics:
             "1 while a replica's engine holds the LoRA adapter (its last max_cpu_loras adapters), else 0.",
             ("model", "replica"),
         )
+        self.migrations = _declare(
+            enabled, metrics.Counter, "mistral_ray_stream_migrations_total",
+            "Streams cut by a lost replica, by how the stream guard ended them: migrated (continued on this "
+            "replica), failed (reason refused: this replica refused the continuation; limit: lost again past "
+            "router.migration_limit), not_possible (reason: what the stream asked for, server/migration.py).",
+            ("route", "model", "outcome", "reason"),
+        )
+        self.migration_wait = _declare(
+            enabled, metrics.Histogram, "mistral_ray_stream_migration_wait_seconds",
+            "Migrated streams: from the cut (as the stream guard saw it) to the continuation's first event.",
+            ("route", "model"), boundaries=MIGRATION_BUCKETS,
+        )
         self.replica = ""  # the replica's id, for the adapters_held label
         self._in_flight: dict[str, int] = {}
 
@@ -171,6 +188,14 @@ class RequestMetrics:
         for name in evicted:
             self.adapter_evictions.inc(tags={"model": name})
             self.adapters_held.set(0, tags={"model": name, "replica": self.replica})
+
+    def migration(self, route: str, outcome: str, reason: str, waited: float | None = None) -> None:
+        """A cut stream's ending (labels bounded: server/migration.py's OUTCOMES, NOT_POSSIBLE, FAILED)."""
+        if outcome not in OUTCOMES or reason not in {"migrated": ("",), "failed": FAILED}.get(outcome, NOT_POSSIBLE):
+            outcome, reason = "failed", "refused"
+        self.migrations.inc(tags={"route": route, "model": self.model, "outcome": outcome, "reason": reason})
+        if waited is not None:
+            self.migration_wait.observe(waited, tags={"route": route, "model": self.model})
 
     def count_tokens(self, route: str, prompt: int, completion: int, model: str | None = None) -> None:
         self.tokens.inc(prompt, tags={"route": route, "model": model or self.model, "direction": "in"})

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from mistral_ray.config import LLM_DEPLOYMENT, STATE_DIR, DeploymentFile, ServiceConfig
 from mistral_ray.engine.fate_share import ENV as FATE_SHARE_ENV
 from mistral_ray.engine.step_wait import ENV as STEP_WAIT_ENV
-from mistral_ray.proxy import GUARD_ENV
+from mistral_ray.proxy import GUARD_ENV, MIGRATION_ENV
 
 INGRESS_ROUTER_DEPLOYMENT = "IngressRouter"
 QUOTA_DEPLOYMENT = "QuotaBank"
@@ -125,6 +125,7 @@ def cluster_env(cfg: ServiceConfig, scripts_dir: Optional[str] = None) -> dict[s
         # Our wrapper of HAProxy (proxy/haproxy.py): request ids and OpenAI error bodies, and the stream guard.
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(scripts_dir or Path(sys.executable).parent) / "mistral-ray-haproxy"),
         GUARD_ENV: str(r.limits.max_body_bytes if r.stream_guard else 0),
+        MIGRATION_ENV: str(r.migration_limit),
     }
 
 

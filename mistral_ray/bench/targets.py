@@ -237,7 +237,11 @@ def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 
     files = label.replace(":", "-").replace("#", "-")
     if kind == "ours":
         policy, _, n = rest.partition(":")
-        target = _ours(files, policy or "pow2", int(n or replicas), workdir, engine)
+        n, _, router = n.partition(":")  # router fields the file's router section gets: `field=value,...`
+        fields = dict(item.split("=", 1) for item in router.split(",") if item)
+        update = (lambda args: args["router"].update({k: yaml.safe_load(v) for k, v in fields.items()})) \
+            if fields else None
+        target = _ours(files, policy or "pow2", int(n or replicas), workdir, engine, update=update)
         target.replicas = int(n or replicas)
     elif kind == "vllm":
         target = _vllm(files, workdir, engine)
@@ -250,7 +254,7 @@ def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 
         # its direct streaming serves one replica per app
         target = _ray_serve_llm(files, 1 if mode == "direct" else int(n or replicas), mode, workdir, engine)
     else:
-        raise ValueError(f"unknown target {spec!r}: ours:<policy>[:<replicas>], vllm, ray-serve-llm[:<replicas>], "
+        raise ValueError(f"unknown target {spec!r}: ours:<policy>[:<replicas>[:<router field>=<value>,...]], vllm, ray-serve-llm[:<replicas>], "
                          "ray-serve-llm:direct, ray-serve-llm:prefix[:<replicas>], label=url")
     target.label = label
     try:

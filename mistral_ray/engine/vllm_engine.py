@@ -34,6 +34,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from mistral_ray.engine.adapters import Adapters
+from mistral_ray.engine.migration import not_migratable, resume_prompts, track_outputs
 from mistral_ray.engine.requests import read
 from mistral_ray.engine.step_stats import Listener, StepStats
 from mistral_ray.routing.hint import PROBE_CHAT
@@ -176,6 +177,8 @@ class VLLMEngine:
         self.adapters = Adapters(llm, state.openai_serving_models, llm.model_config.served_model_name)
         # One renderer serves every generation route (each serving holds this same object).
         _reject_overlong(state.online_renderer, llm.model_config, max_prompt_tokens)
+        resume_prompts(state.online_renderer)  # after the limits: they judge the prompt the client sent
+        track_outputs(llm)
         for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses",
                      "anthropic_serving_messages", "serving_tokenization"):
             if getattr(state, name, None) is not None:
@@ -225,6 +228,10 @@ class VLLMEngine:
     def read_request(self, route: str, payload: dict) -> Generation:
         """A generation request as this vLLM's request models read it (the gate's limits judge this)."""
         return read(route, payload)
+
+    def not_migratable(self, route: str, payload: dict) -> Optional[str]:
+        """Why a stream of this request could not be continued exactly on another replica (None: it can)."""
+        return not_migratable(route, payload, reasoning_parser=bool(getattr(self.args, "reasoning_parser", None)))
 
     async def set_adapters(self, wanted: dict[str, str]) -> dict[str, list[str]]:
         """Serve these LoRA adapters (name -> source) from now on (engine/adapters.py)."""

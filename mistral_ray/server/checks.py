@@ -22,6 +22,7 @@ from mistral_ray.server.errors import Refused
 from mistral_ray.server.generation import Generation, Unreadable
 from mistral_ray.server.limits import check_sizes, requested_tokens
 from mistral_ray.server.load import Inflight, Sequence
+from mistral_ray.server.migration import RESUME_FIELD, BadResume, Resume, resumed_payload
 from mistral_ray.server.quota import Charge, Quota
 from mistral_ray.server.routes import Route
 
@@ -42,6 +43,8 @@ class Admitted:
     hide_usage: bool = False  # we asked vLLM for the stream's usage chunk; the client did not
     received: bytes = b""  # the body as the client sent it
     model: Optional[str] = None  # the base model or the adapter it named (its metrics' label)
+    migrate: Optional[str] = None  # a guarded stream: "ok" (tracked for migration) or why it cannot be continued
+    resume: Optional[Resume] = None  # a continuation (or the guard's report) of a stream cut elsewhere
 
     def __post_init__(self):
         self.received = self.received or self.body
@@ -77,7 +80,8 @@ def check_shape(route: str, payload: dict[str, Any]) -> None:
 # the engine's per-request KV controls (`kv_cache_report_mode` re-publishes reused blocks as events).
 NOT_SERVED_FIELDS = {"kv_transfer_params": "disaggregated serving's transfer parameters",
                      "ec_transfer_params": "disaggregated serving's encoder-cache transfer parameters",
-                     "vllm_xargs": "vLLM's per-request extension arguments (KV connectors, plugins)"}
+                     "vllm_xargs": "vLLM's per-request extension arguments (KV connectors, plugins)",
+                     RESUME_FIELD: "the stream guard's own continuation of a migrated stream"}
 
 
 def check_fields(payload: dict[str, Any]) -> None:
@@ -113,8 +117,10 @@ def _unreadable(exc: Exception) -> Refused:
 
 class Checks:
     def __init__(self, cfg: ServiceConfig, keys: Optional[ApiKeys], quota: Optional[Quota], load: Inflight,
-                 read: Callable[[str, dict], Generation], context: int):
+                 read: Callable[[str, dict], Generation], context: int,
+                 migratable: Optional[Callable[[str, dict], Optional[str]]] = None):
         self.cfg, self.keys, self.quota, self.load, self.read = cfg, keys, quota, load, read
+        self.migratable = migratable  # the engine's reason a stream cannot be continued (None: it can)
         self.limits = cfg.router.limits
         self.context = context  # the engine's context length, as it resolved it (engine.max_model_len may be null)
         self.models = frozenset({cfg.model.name})  # the base model and the adapters it serves now (reconfigure)
@@ -130,6 +136,21 @@ class Checks:
             raise Refused(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                           code="invalid_api_key", reason="auth")
         return key_id
+
+    def _resume(self, payload: dict[str, Any]) -> Resume:
+        try:
+            return Resume.parse(payload.pop(RESUME_FIELD, None))
+        except BadResume as exc:
+            raise Refused(400, f"`{RESUME_FIELD}` is not the stream guard's: {exc}", param=RESUME_FIELD) from None
+
+    def _budget(self, request: Generation) -> Optional[int]:
+        """The completion tokens the first part ran with (the operator's limit caps what was asked); None:
+        the rest of the context, which a continuation's longer prompt shrinks by itself."""
+        asked = request.max_tokens if request.max_tokens is not None else request.default_max_tokens
+        limit = self.limits.max_tokens
+        if asked is None:
+            return limit
+        return min(asked, limit) if limit else asked
 
     async def read_body(self, receive, headers: dict[bytes, bytes]) -> bytes:
         """The body, or 413 as soon as it is known to exceed the limit (declared or counted while reading)."""
@@ -175,8 +196,9 @@ class Checks:
             raise _unreadable(exc) from None
 
     async def admit(self, route: Route, method: str, headers: dict[bytes, bytes], receive, key_id: str,
-                    request_id: Optional[str] = None) -> Admitted:
-        """Everything after the key, in order; the admitted request, or Refused."""
+                    request_id: Optional[str] = None, guarded: bool = False, resumed: bool = False) -> Admitted:
+        """Everything after the key, in order; the admitted request, or Refused. `guarded`: the stream guard
+        relays it (it may be migrated); `resumed`: the guard put a continuation in the body."""
         if method != "POST":
             return Admitted(route, key_id, b"")
         body = await self.read_body(receive, headers)
@@ -186,8 +208,19 @@ class Checks:
         model = payload.get("model")  # one this replica serves (check_model), or None: the base model
         if not route.generation:
             return Admitted(route, key_id, body, model=model)
+        resume = self._resume(payload) if resumed and route.label in USAGE_OPTION else None
+        if resume is not None and resume.report:
+            return Admitted(route, key_id, b"", model=model, resume=resume)
         check_fields(payload)
         request = self.generation(route.label, payload)
+        migrate = None
+        if guarded and request.stream:
+            migrate = (self.migratable(route.label, payload) if self.migratable else "route") or "ok"
+        if resume is not None:
+            payload = resumed_payload(payload, resume, request.max_tokens_param, self._budget(request),
+                                      request_id or "")
+            body = json.dumps(payload).encode()
+            request = self.generation(route.label, payload)
         check_sizes(request, self.limits)
         cfg = self.cfg
         seq = self.load.reserve(request.prompt_tokens(cfg.router.routing.chars_per_token),
@@ -195,7 +228,8 @@ class Checks:
         if seq is None:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
-        admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model)
+        admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model, migrate=migrate,
+                            resume=resume)
         try:
             if self.quota is not None:  # the slot is held while the bank answers: arrivals meanwhile see it
                 admitted.charge = await self.quota.admit(key_id, requested_tokens(

@@ -25,6 +25,7 @@ from mistral_ray.server.checks import Admitted, Checks
 from mistral_ray.server.errors import REPLICA_HEADER, REQUEST_ID_HEADER, Refused, normalized, sse_error
 from mistral_ray.server.generation import PROMPT_IDS_SCOPE
 from mistral_ray.server.load import Inflight
+from mistral_ray.server.migration import MIGRATE_HEADER, RESUME_HEADER, RESUMED, TRACKED, Tracked, continuation
 from mistral_ray.server.routes import Route, route_of
 
 logger = logging.getLogger("ray.serve")
@@ -32,6 +33,8 @@ _PICKER = PICKER_HEADER.encode()
 _PREDICTED = PREDICTED_HEADER.encode()
 _PROMPT = PROMPT_HEADER.encode()
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
+_MIGRATE = MIGRATE_HEADER.encode()
+_RESUME = RESUME_HEADER.encode()
 _NOT_SERVED = {404: "no such route on this server (see the README's route table)",
                405: "this route does not take that method"}
 _USAGE = re.compile(rb'"(prompt_tokens|input_tokens|completion_tokens|output_tokens)":\s*(\d+)')
@@ -110,6 +113,10 @@ class Gate:
             *extra]})
         await send({"type": "http.response.body", "body": body})
 
+    async def _send_empty(self, send) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": [self.header]})
+        await send({"type": "http.response.body", "body": b""})
+
     async def _ready(self, send) -> None:
         try:
             await asyncio.wait_for(self.ready(), self.ready_timeout_s)
@@ -129,8 +136,16 @@ class Gate:
             picker = headers.get(_PICKER)  # an authenticated request an ingress router sent here
             self.load.arrived(picker.decode("latin-1") if picker else None)
             request_id = headers.get(_REQUEST_ID) if self.trust_request_id else None
+            trusted = self.trust_request_id  # the guard's headers: HAProxy deletes a client's
             request = await self.checks.admit(route, scope["method"], headers, receive, key_id,
-                                              request_id.decode("latin-1") if request_id else None)
+                                              request_id.decode("latin-1") if request_id else None,
+                                              guarded=trusted and _MIGRATE in headers,
+                                              resumed=trusted and _RESUME in headers)
+            if request.resume is not None and request.resume.report:
+                outcome, _, reason = request.resume.report.partition(":")
+                self.metrics.migration(route.label, outcome, reason)
+                status = 204
+                return await self._send_empty(send)
             if request.seq is not None and request.model not in (None, self.metrics.model):
                 request.seq.adapter = request.model
                 self.metrics.adapter_used(request.model, *self.load.used(request.model))
@@ -154,7 +169,11 @@ class Gate:
             status = 500
             await self.answer(send, 500, Refused(500, "the replica failed the request", code="internal_error").body())
         finally:
-            self.metrics.finished(route.label, status, key_id, request.model if request is not None else None)
+            resume = request.resume if request is not None else None
+            if resume is not None and not resume.report and status >= 400 and status != 499:
+                self.metrics.migration(route.label, "failed", "refused")
+            if resume is None or not resume.report:  # a report is the guard's, not a client's request
+                self.metrics.finished(route.label, status, key_id, request.model if request is not None else None)
             if request is not None:
                 if request.seq is not None:
                     self.load.remove(request.seq)
@@ -180,6 +199,14 @@ class Gate:
         send_out = exchange.send
         if request.route.label == "models" and len(self.checks.models) > 1:  # adapters are served
             send_out = _listing(exchange.send, lambda: self.checks.hidden(request.key_id))
+        chat = request.route.label == "chat"
+        if request.resume is not None:
+            send_out = continuation(send_out, request.resume, chat)
+            RESUMED.set(request.resume.ids)
+        if request.migrate == "ok":
+            # The role delta opens a chat: its ids wait for the event with their text (a continuation's is dropped).
+            exchange.tracked = Tracked(hold_first=chat and (request.resume is None or request.resume.events == 0))
+        TRACKED.set(exchange.tracked)  # what vLLM's tasks for this request inherit
         app = self.app(scope, _replay(request.body, receive) if scope["method"] == "POST" else receive, send_out)
         try:
             if request.route.generation:
@@ -253,6 +280,7 @@ class Exchange:
         self.first_byte = asyncio.get_running_loop().create_future()
         self.held: Optional[dict] = None  # an error's start message, held until its body is complete
         self.error = b""
+        self.tracked: Optional[Tracked] = None  # a stream the guard may migrate: its events carry their ids
 
     async def send(self, message) -> None:
         kind = message["type"]
@@ -262,6 +290,8 @@ class Exchange:
                 self.held = message
                 return
             message["headers"] = [*message.get("headers", ()), self.gate.header]
+            if self.request.migrate is not None:
+                message["headers"].append((_MIGRATE, self.request.migrate.encode()))
             self.started = True
             return await self._send(message)
         if kind != "http.response.body":
@@ -281,7 +311,9 @@ class Exchange:
                 self._count(body)
                 if self.request.hide_usage and b'"choices":[]' in body:
                     return  # the usage chunk we asked for; the client did not
-        if not more and self.status < 400 and self.request.route.generation:
+            if self.tracked is not None:
+                message = {**message, "body": self.tracked.mark(body)}
+        if not more and self.status < 400 and self.request.route.generation and self.request.resume is None:
             self.gate.metrics.completed(self.request.route.label, self.request.stream,
                                         time.perf_counter() - self.start, self.request.model)
         await self._send(message)
@@ -290,7 +322,11 @@ class Exchange:
         self.first_byte.set_result(None)
         if self.seq is not None:
             self.seq.started = True
-        if self.request.stream and self.request.route.generation:  # a unary answer's first byte is all of it
+        resume = self.request.resume
+        if resume is not None:  # not a first token: the client's wait for the stream to go on
+            waited = max(0.0, time.time() - resume.cut_ms / 1000) if resume.cut_ms else None
+            self.gate.metrics.migration(self.request.route.label, "migrated", "", waited)
+        elif self.request.stream and self.request.route.generation:  # a unary answer's first byte is all of it
             self.gate.metrics.first_token(self.request.route.label, time.perf_counter() - self.start,
                                           self.request.model)
 

@@ -3,10 +3,11 @@ HAProxy, ingress router, no replica) and 2 worker nodes, each its own raylet. On
 
 1. replicas only on workers, the second one (load-driven scale-up) on the other worker, both taking traffic;
 2. a worker node lost under load (its raylet and every process under it killed by PID): no non-streamed
-   request fails, streams on it end at once with OpenAI's error event and [DONE] (never hang, never a
-   broken connection), the replica comes back on the surviving
-   worker and traffic spreads again; a real Prometheus saw it: the replica-down alert's expression and the
-   error panel's cut streams;
+   request fails, streams on it that can be migrated continue on the surviving worker's replica and end
+   whole, the one that cannot (a stop string) ends at once with OpenAI's error event and [DONE] (never hang,
+   never a broken connection), the replica comes back on the surviving worker and traffic spreads again;
+   a real Prometheus saw it: the replica-down alert's expression, the error panel's cut stream and the
+   migration panel's migrated streams;
 3. then scale-down drains: a stream in flight on the replica that goes finishes first.
 """
 
@@ -33,6 +34,7 @@ from tests.monitoring.test_rules_and_dashboard import panel_queries
 
 from tests.integration.processes import free_haproxy_ports, session_processes
 from tests.integration.streams import read_stream, stream_last
+from tests.integration.test_chaos import FIXED, Stream, gaps
 
 pytestmark = pytest.mark.integration
 # drain_timeout_s: the drained stream (1,200 tokens) took 25 s alone here and longer in the whole suite; the
@@ -146,14 +148,17 @@ class Load:
 
     def streamer(self, i):
         body = {"model": "tiny-mistral", "prompt": "nodes", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        if i == FIXED:
+            body["stop"] = ["never said"]  # a stop string: not continued exactly, so not migrated
         if i % 2:  # `stream` after 20 KiB: the guard must see it wherever it is
             body = stream_last(body)
         with httpx.Client(timeout=120) as client:
             while not self.stop.is_set():
+                pauses, start = [], time.monotonic()
                 replica, outcome = read_stream(client, f"{self.url}/v1/completions", body,
-                                               lambda replica: self.streaming.__setitem__(i, replica))
+                                               lambda replica: self.streaming.__setitem__(i, replica), pauses)
                 self.streaming.pop(i, None)
-                self.streams.append((replica, outcome))
+                self.streams.append(Stream(replica, outcome, i != FIXED, start, time.monotonic(), *pauses[0]))
 
     def served_since(self, t: float) -> Counter:
         return Counter(r[2] for r in self.results if r[0] > t and r[1] == 200)
@@ -256,11 +261,21 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     errors_expr = next(e for t, e in panel_queries("1m", "local") if t.startswith("Error rate by status"))
     alert = next(r for g in yaml.safe_load(monitoring.RULES.read_text())["groups"] for r in g["rules"]
                  if r.get("alert") == "MistralRayReplicaDown")
-    load = Load(cluster.url, unary=4, streams=3)
+    load = Load(cluster.url, unary=4, streams=FIXED + 1)
     timeline = {}
     try:
-        wait(lambda: len(load.served_since(time.monotonic() - 5)) == 2 and load.streaming, 60, "traffic on both")
-        victim = next(iter(load.streaming.values()))  # a replica with a stream on it right now
+        wait(lambda: len(load.served_since(time.monotonic() - 5)) == 2 and FIXED in load.streaming, 60,
+             "traffic on both")
+
+        def together():  # the stream that cannot be migrated and one that can, on one replica
+            now = dict(load.streaming)
+            return FIXED in now and any(r == now[FIXED] for i, r in now.items() if i != FIXED)
+
+        try:
+            wait(together, 30, "streams of both kinds on one replica")
+        except AssertionError:
+            pass  # the node goes anyway: the stream that cannot be migrated is on it
+        victim = wait(lambda: load.streaming.get(FIXED), 30, "the stream that cannot be migrated")
         survivor = next(r for r in before if r != victim)
         killed = cluster.kill_node(before[victim])
         t_kill = time.monotonic()
@@ -285,17 +300,20 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     # removes has a stream in flight, which must finish (drain) before the replica goes.
     drained = one_stream_on_each(cluster.url, set(after), streams_at_scale_down)
     failed = [r for r in load.results if r[1] != 200]
-    cut = [s for s in load.streams if s[1] == "error event"]
-    broken = [s for s in load.streams if s[1] not in ("done", "error event")]  # cut, or refused before streaming
+    hit = [s for s in load.streams if s.replica == victim and s.start < t_kill < s.end]  # in flight at the loss
+    migrated = [s for s in hit if s.migratable]
+    cut = [s for s in load.streams if s.outcome == "error event"]
+    broken = [s for s in load.streams if s.outcome not in ("done", "error event")]  # cut, or refused before streaming
     print(f"\nnode loss: killed a worker's raylet and {killed - 1} processes under it; {len(load.results)} requests, "
-          f"{len(failed)} failed; {len(load.streams)} streams, {len(cut)} cut (on the lost node: error event + "
-          f"[DONE]), {len(broken)} broken; "
+          f"{len(failed)} failed; {len(load.streams)} streams, {len(hit)} on the lost node: {len(migrated)} migrated "
+          f"(client-visible gap {gaps(migrated)}), {len(cut)} cut (error event + [DONE]), {len(broken)} broken; "
           f"{len(load.closed_before_answer)} connections closed before an answer (retried by the client)")
     for event, at in timeline.items():
         print(f"  {at:6.1f}s  {event}")
     assert not failed, failed[:5]
-    assert cut and all(replica == victim for replica, _ in cut), load.streams
-    assert not broken, broken  # the stream guard ends every cut stream as the API does
+    assert all(s.outcome == "done" for s in load.streams if s.migratable), load.streams  # 0 cut, 0 broken
+    assert [s for s in hit if not s.migratable] == cut and cut, load.streams  # the other: the error event
+    assert not broken, broken
     assert set(after) == {survivor, new} and after[new] == after[survivor]  # back, on the surviving worker
     # What a real Prometheus saw during it: the alert's condition, and the error panel's cut streams.
     time.sleep(3)
@@ -308,8 +326,13 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
                  if r.get("record") == "mistral_ray:error_ratio:rate5m")
     failing = query_range(prometheus, ratio, wall_kill - 5, time.time())
     assert failing and max(float(v) for s in failing for _, v in s["values"]) > 0, failing  # the alert's input
+    if migrated:
+        moved = next(e for t, e in panel_queries("1m", "local") if t.startswith("Stream migrations"))
+        seen = query_range(prometheus, moved, wall_kill - 5, time.time())
+        assert any(s["metric"].get("outcome") == "migrated" and max(float(v) for _, v in s["values"]) > 0
+                   for s in seen), seen
     print(f"  prometheus: {alert['alert']} condition held for {sum(len(s['values']) for s in down)} s; "
-          "the error panel showed the cut streams")
+          "the error panel showed the cut stream" + (", the migration panel the migrated ones" if migrated else ""))
     wait(lambda: len(cluster.replicas()) == 1, 180, "back to one replica")
     for t in drained:
         t.join(timeout=300)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 
 # A panel's description opening: it has data only under that routing policy, or with LoRA adapters.
-CONDITIONAL = ("With routing.policy: ", "With engine.lora only")
+CONDITIONAL = ("With routing.policy: ", "With engine.lora only", "After a replica was lost mid-stream only")
 
 
 def panel_queries(range_interval: str = "1m", cluster: str = ".*", every_policy: bool = True) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import openai
@@ -22,10 +23,12 @@ from mistral_ray.ports import free_port
 from mistral_ray.proxy.haproxy import guarded
 
 
-def _event(i: int) -> bytes:
-    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
-    return f"data: {json.dumps(chunk)}\n\n".encode()
+def _event(i: int, ids: str = "", finish: bool = False) -> bytes:
+    """A chat chunk; `ids`: the replica's mark of the token ids behind it (a tracked stream's)."""
+    chunk = {"id": "chatcmpl-c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": "stop" if finish else None}]}
+    mark = f":{'.' if finish else ''}{ids}\n" if ids or finish else ""
+    return f"data: {json.dumps(chunk)}\n{mark}\n".encode()
 
 
 CAP = 65536  # the guard's body cap here (router.limits.max_body_bytes, through the cluster's environment)
@@ -34,13 +37,17 @@ CAP = 65536  # the guard's body cap here (router.limits.max_body_bytes, through 
 class Upstream:
     """A replica stand-in: `cut` in the request body -> two events, then the connection dies; `slow` -> an
     event every 100 ms until the client leaves; `unary` -> one JSON answer; otherwise three events and
-    [DONE]. Records what it saw."""
+    [DONE]. `migrate` (from the guard): a tracked stream (MIGRATE_HEADER ok, events marked with their token
+    ids) that dies after two events; its continuation sends the rest, or dies again after one (`again`), or
+    is refused (`refuse`); `cannot` answers MIGRATE_HEADER n. Records what it saw; the guard's reports (204)
+    apart."""
 
     def __init__(self):
         self.port = free_port()
         self.left: list[float] = []  # when a slow stream's client was found gone
         self.heads: list[bytes] = []  # every request's head, as HAProxy forwarded it
         self.bodies: list[bytes] = []
+        self.reports: list[str] = []  # the guard's reports of streams it did not continue
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(5)
@@ -50,11 +57,20 @@ class Upstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         head = await reader.readuntil(b"\r\n\r\n")
-        self.heads.append(head)
         length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                        if line.lower().startswith(b"content-length:")), 0)
         body = await reader.readexactly(length)
+        resumed = b"\r\nx-mistral-ray-resume: 1" in head
+        if resumed and b'"report"' in body:
+            self.reports.append(json.loads(body)["mistral_ray_resume"]["report"])
+            writer.write(b"HTTP/1.1 204 No Content\r\nx-mistral-ray-replica: up-1\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        self.heads.append(head)
         self.bodies.append(body)
+        if b'"migrate' in body and b"\r\nx-mistral-ray-migrate: 1" in head:
+            return await self._tracked(writer, body, resumed)
         if b'"unary"' in body:
             answer = json.dumps({"id": "c1", "object": "text_completion", "size": len(body)}).encode()
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
@@ -91,6 +107,45 @@ class Upstream:
         await writer.drain()
         writer.close()
 
+
+    async def _tracked(self, writer, body: bytes, resumed: bool):
+        if resumed and b"refuse" in body:
+            answer = b'{"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}}'
+            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                         b"x-mistral-ray-replica: up-1\r\n\r\n%s" % (len(answer), answer))
+            await writer.drain()
+            writer.close()
+            return
+        state = b"n" if b"cannot" in body else b"ok"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                     b"x-mistral-ray-replica: up-1\r\nx-mistral-ray-migrate: %s\r\n\r\n" % state)
+        made = len(json.loads(body)["mistral_ray_resume"]["ids"]) if resumed else 0
+        if b"slow" in body and not resumed:  # an event every 100 ms, until the guard lets go (then "dies")
+            try:
+                for i in range(100):
+                    writer.write(b"%x\r\n%s\r\n" % (len(event := _event(i, ids=str(10 + i))), event))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+            except (ConnectionError, OSError):
+                self.left.append(time.monotonic())
+            writer.transport.abort()
+            return
+        events = [_event(made + i, ids=f"{10 + made + i}" if state == b"ok" else "") for i in range(2)]
+        if resumed and b"again" not in body:
+            events[-1] = _event(made + 1, ids=f"{11 + made}", finish=True)
+            events.append(b"data: [DONE]\n\n")
+        elif resumed:
+            events = events[:1]
+        for event in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        if events[-1] == b"data: [DONE]\n\n":
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        await asyncio.sleep(0.1)
+        writer.transport.abort()
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
@@ -373,3 +428,102 @@ def test_the_guard_holds_no_more_than_the_configured_body(proxy):
     with pytest.raises(httpx.RemoteProtocolError):
         with httpx.stream("POST", f"{base}/v1/chat/completions", content=over, timeout=10) as r:
             r.read()
+
+
+def _chat(base: str, content: str) -> tuple[list, Optional[Exception]]:
+    stream = _client(base).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                                   stream=True)
+    got = []
+    try:
+        for c in stream:
+            got.append((c.id, c.choices[0].delta.content, c.choices[0].finish_reason))
+    except openai.APIError as exc:
+        return got, exc
+    return got, None
+
+
+def _reported(up, since: int, count: int) -> list[str]:
+    """The guard's reports after `since`, once `count` came (a report follows the client's [DONE])."""
+    deadline = time.monotonic() + 5
+    while len(up.reports) < since + count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # and no more than that
+    return up.reports[since:]
+
+
+def _resumes(up, since: int) -> list[dict]:
+    return [json.loads(b)["mistral_ray_resume"] for b in up.bodies[since:] if b'"mistral_ray_resume"' in b]
+
+
+def test_a_tracked_stream_cut_by_its_replica_continues_on_the_next(proxy):
+    base, up, _ = proxy
+    before = len(up.bodies)
+    got, error = _chat(base, "migrate")
+    assert error is None
+    assert [g[1] for g in got] == ["t0 ", "t1 ", "t2 ", "t3 "]  # one stream: nothing repeated, nothing missing
+    assert {g[0] for g in got} == {"chatcmpl-c1"} and got[-1][2] == "stop"
+    (resume,) = _resumes(up, before)
+    # what the client got text for, the stream's id and created, as the continuation's replica needs them
+    assert resume["ids"] == [10, 11] and resume["id"] == "chatcmpl-c1" and resume["created"] == 1
+    assert resume["events"] == 1 and resume["finished"] is False and abs(resume["cut_ms"] / 1000 - time.time()) < 5
+    original = json.loads(up.bodies[before])
+    assert {k: v for k, v in json.loads(up.bodies[before + 1]).items() if k != "mistral_ray_resume"} == original
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={"stream": True, "messages": "migrate"}) as r:
+        body = r.read()
+        assert "x-mistral-ray-migrate" not in r.headers  # the replica's word to the guard only
+    assert b"\n:" not in body and body.count(b"data: [DONE]") == 1 and b"replica_lost" not in body
+
+
+def test_a_stream_lost_past_the_migration_limit_ends_with_the_error_event(proxy):
+    base, up, _ = proxy
+    before, reports = len(up.bodies), len(up.reports)
+    got, error = _chat(base, "migrate again")
+    assert [g[1] for g in got] == ["t0 ", "t1 ", "t2 ", "t3 "]  # each continuation's events reached the client
+    assert isinstance(error, openai.APIError) and "stopped before the end" in error.message
+    assert [len(r["ids"]) for r in _resumes(up, before)] == [2, 3]  # router.migration_limit (2) continuations
+    assert _reported(up, reports, 1) == ["failed:limit"]
+
+
+def test_a_stream_the_replica_cannot_continue_ends_with_the_error_event(proxy):
+    base, up, _ = proxy
+    before, reports = len(up.bodies), len(up.reports)
+    got, error = _chat(base, "migrate cannot")
+    assert [g[1] for g in got] == ["t0 ", "t1 "] and isinstance(error, openai.APIError)
+    assert _resumes(up, before) == [] and _reported(up, reports, 1) == ["not_possible:n"]
+    got, error = _chat(base, "cut")  # a replica that said nothing: not tracked
+    assert isinstance(error, openai.APIError) and _reported(up, reports + 1, 1) == ["not_possible:route"]
+
+
+def test_a_refused_continuation_ends_with_the_error_event(proxy):
+    base, up, _ = proxy
+    before, reports = len(up.bodies), len(up.reports)
+    got, error = _chat(base, "migrate refuse")
+    assert [g[1] for g in got] == ["t0 ", "t1 "] and isinstance(error, openai.APIError)
+    assert len(_resumes(up, before)) == 1 and _reported(up, reports, 0) == []  # the replica counted its refusal
+
+
+def test_a_client_cannot_send_the_guard_s_headers(proxy):
+    base, up, _ = proxy
+    before = len(up.heads)
+    r = httpx.post(f"{base}/v1/completions", content=b'{"prompt": "unary"}', timeout=10,
+                   headers={"content-type": "application/json", "x-mistral-ray-resume": "1",
+                            "x-mistral-ray-migrate": "forged"})
+    assert r.status_code == 200
+    (head,) = up.heads[before:]
+    lines = head.decode().lower().split("\r\n")
+    assert "x-mistral-ray-resume: 1" not in lines and [h for h in lines if h.startswith("x-mistral-ray-migrate")] \
+        == ["x-mistral-ray-migrate: 1"]  # the guard's own, once
+
+
+def test_a_client_that_has_gone_is_not_continued(proxy):
+    base, up, _ = proxy
+    before, reports, left = len(up.bodies), len(up.reports), len(up.left)
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={"stream": True, "messages": "migrate slow"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+    deadline = time.monotonic() + 5
+    while len(up.left) == left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the stream's replica is gone too now: nothing may follow
+    assert len(up.left) > left and _resumes(up, before) == [] and _reported(up, reports, 0) == []
