@@ -149,12 +149,14 @@ class RequestMetrics:
 
     # `model` below: the base model or the LoRA adapter a request named (the gate admits only those the
     # config lists, so the label set stays bounded); the base model where none was admitted.
-    def finished(self, route: str, status: int | str, key_id: str, model: str | None = None) -> None:
+    def finished(self, route: str, status: int | str, key_id: str, model: str | None = None,
+                 counted: bool = True) -> None:
         n = self._in_flight.get(route, 1) - 1
         self._in_flight[route] = n
         self.in_flight.set(n, tags={"route": route, "model": self.model})
-        self.requests.inc(tags={"route": route, "model": model or self.model, "status": str(status),
-                                "key_id": self.key_label(key_id)})
+        if counted:
+            self.requests.inc(tags={"route": route, "model": model or self.model, "status": str(status),
+                                    "key_id": self.key_label(key_id)})
 
     def key_label(self, key_id: str) -> str:
         if not self.key_labels:
@@ -189,13 +191,15 @@ class RequestMetrics:
             self.adapter_evictions.inc(tags={"model": name})
             self.adapters_held.set(0, tags={"model": name, "replica": self.replica})
 
-    def migration(self, route: str, outcome: str, reason: str, waited: float | None = None) -> None:
+    def migration(self, route: str, outcome: str, reason: str, waited: float | None = None,
+                  model: str | None = None) -> None:
         """A cut stream's ending (labels bounded: server/migration.py's OUTCOMES, NOT_POSSIBLE, FAILED)."""
         if outcome not in OUTCOMES or reason not in {"migrated": ("",), "failed": FAILED}.get(outcome, NOT_POSSIBLE):
             outcome, reason = "failed", "refused"
-        self.migrations.inc(tags={"route": route, "model": self.model, "outcome": outcome, "reason": reason})
+        tags = {"route": route, "model": model or self.model}
+        self.migrations.inc(tags={**tags, "outcome": outcome, "reason": reason})
         if waited is not None:
-            self.migration_wait.observe(waited, tags={"route": route, "model": self.model})
+            self.migration_wait.observe(waited, tags=tags)
 
     def count_tokens(self, route: str, prompt: int, completion: int, model: str | None = None) -> None:
         self.tokens.inc(prompt, tags={"route": route, "model": model or self.model, "direction": "in"})

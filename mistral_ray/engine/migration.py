@@ -16,7 +16,7 @@ def _sampled(request: Any) -> bool:
     return request.temperature is None or request.temperature > 0
 
 
-def not_migratable(route: str, payload: dict, reasoning_parser: bool = False) -> Optional[str]:
+def not_migratable(route: str, payload: dict, parser_holds_text: bool = False) -> Optional[str]:
     """None if a continuation of this streamed request gives the client what the uncut stream would, else
     why not (server/migration.py's NOT_POSSIBLE). What cannot be continued exactly: more than one sequence
     (n, best_of, beam search, a batch of prompts), per-token logprobs (the first part's are not the
@@ -24,12 +24,15 @@ def not_migratable(route: str, payload: dict, reasoning_parser: bool = False) ->
     structured output (the grammar would start again), stop strings (vLLM holds back text that may begin
     one, and a stop string across the two parts would not be seen), a seed with sampling (the continuation
     cannot replay the random stream), frequency/presence penalties and bad words (they count output
-    tokens: the first part's would be prompt), per-chunk usage, prompt truncation."""
+    tokens: the first part's would be prompt; so does repetition detection), per-chunk usage, prompt
+    truncation. `parser_holds_text`: the engine's chat parser holds content back (a reasoning parser, or a
+    tool parser that streams through vLLM's parser engine, as `mistral` does, even for a request without
+    tools): the ids of text it held would be marked as the client's."""
     if route == "chat":
         r: Any = ChatCompletionRequest.model_validate(payload)
         if r.tools and r.tool_choice != "none":
             return "tools"
-        if reasoning_parser:
+        if parser_holds_text:
             return "parser"
         if r.logprobs or r.top_logprobs:
             return "logprobs"
@@ -62,7 +65,33 @@ def not_migratable(route: str, payload: dict, reasoning_parser: bool = False) ->
         return "continuous_usage"
     if r.truncate_prompt_tokens is not None:
         return "prompt_truncation"
+    if getattr(r, "repetition_detection", None) is not None:
+        return "penalties"
     return None
+
+
+def parser_holds_text(args: Any) -> bool:
+    """Whether the chat serving's parser may hold content back from a stream (see not_migratable)."""
+    if getattr(args, "reasoning_parser", None):
+        return True
+    name = getattr(args, "tool_call_parser", None)
+    if not name:
+        return False
+    from vllm.tool_parsers import ToolParserManager
+
+    return bool(getattr(ToolParserManager.get_tool_parser(name), "engine_based_streaming", True))
+
+
+def printed(tokenizer: Any, ids: tuple) -> tuple:
+    """The ids without those of a trailing incomplete character: an event may carry the ids of bytes the
+    detokenizer still held (no text yet), and a prompt ending in them would make the continuation's
+    detokenizer print its whole prompt. The continuation makes them again."""
+    out = list(ids)
+    for _ in range(4):  # a UTF-8 character is at most 4 bytes
+        if not out or not tokenizer.decode(out[-8:]).endswith("\ufffd"):
+            break
+        out.pop()
+    return tuple(out)
 
 
 def track_outputs(llm: Any) -> None:

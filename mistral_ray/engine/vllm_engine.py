@@ -34,7 +34,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from mistral_ray.engine.adapters import Adapters
-from mistral_ray.engine.migration import not_migratable, resume_prompts, track_outputs
+from mistral_ray.engine.migration import not_migratable, parser_holds_text, printed, resume_prompts, track_outputs
 from mistral_ray.engine.requests import read
 from mistral_ray.engine.step_stats import Listener, StepStats
 from mistral_ray.routing.hint import PROBE_CHAT
@@ -179,6 +179,7 @@ class VLLMEngine:
         _reject_overlong(state.online_renderer, llm.model_config, max_prompt_tokens)
         resume_prompts(state.online_renderer)  # after the limits: they judge the prompt the client sent
         track_outputs(llm)
+        self.parser_holds_text = parser_holds_text(args)
         for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses",
                      "anthropic_serving_messages", "serving_tokenization"):
             if getattr(state, name, None) is not None:
@@ -231,7 +232,11 @@ class VLLMEngine:
 
     def not_migratable(self, route: str, payload: dict) -> Optional[str]:
         """Why a stream of this request could not be continued exactly on another replica (None: it can)."""
-        return not_migratable(route, payload, reasoning_parser=bool(getattr(self.args, "reasoning_parser", None)))
+        return not_migratable(route, payload, self.parser_holds_text)
+
+    def printed_ids(self, ids: tuple) -> tuple:
+        """A continuation's ids without those of a character the client did not get yet (engine/migration.py)."""
+        return printed(self.state.online_renderer.renderer.tokenizer, ids)
 
     async def set_adapters(self, wanted: dict[str, str]) -> dict[str, list[str]]:
         """Serve these LoRA adapters (name -> source) from now on (engine/adapters.py)."""

@@ -32,7 +32,7 @@ from typing import Optional
 
 from mistral_ray.processes import die_with_parent
 from mistral_ray.proxy import GUARD_ENV, MIGRATION_ENV
-from mistral_ray.server.errors import REQUEST_ID_HEADER, error_body, sse_error
+from mistral_ray.server.errors import REPLICA_HEADER, REQUEST_ID_HEADER, error_body, sse_error
 from mistral_ray.server.migration import MIGRATE_HEADER, RESUME_FIELD, RESUME_HEADER
 
 GUARD_LUA = Path(__file__).with_name("stream_guard.lua")
@@ -103,7 +103,7 @@ def guarded(config: str, directory: Path, max_body: int = 0, migration_limit: in
                    .replace("${MAX_BODY}", str(max_body)).replace("${TIMEOUT_S}", str(wait_s))
                    .replace("${STATUS_VAR}", STATUS_VAR).replace("${MIGRATION_LIMIT}", str(migration_limit))
                    .replace("${MIGRATE_HEADER}", MIGRATE_HEADER).replace("${RESUME_HEADER}", RESUME_HEADER)
-                   .replace("${RESUME_FIELD}", RESUME_FIELD))
+                   .replace("${RESUME_FIELD}", RESUME_FIELD).replace("${REPLICA_HEADER}", REPLICA_HEADER))
     outer = f"METH_POST !{{ so_name {INNER_NAME} }}"
     # A body declared larger than the guard holds is the replica's to refuse (413): relayed, not held.
     held = f"!{{ req.hdr_val(content-length) gt {max_body} }}"

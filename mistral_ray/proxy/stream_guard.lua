@@ -21,7 +21,8 @@ local MIGRATION_LIMIT = ${MIGRATION_LIMIT}  -- router.migration_limit: continuat
 local MIGRATE = "${MIGRATE_HEADER}"
 local RESUME = "${RESUME_HEADER}"
 local RESUME_FIELD = "${RESUME_FIELD}"
-local REPORT_TIMEOUT_S = 2  -- a report of a stream not continued waits no longer for a replica's 204
+local REPLICA = "${REPLICA_HEADER}"  -- on every answer of a replica (not on HAProxy's own)
+local REPORT_TIMEOUT_S = 5  -- a report of a stream not continued waits no longer for a replica's 204
 -- Hop-by-hop headers, and the framing headers this hop sets itself.
 local HOP = { connection = true, ["keep-alive"] = true, ["transfer-encoding"] = true, ["content-length"] = true,
     te = true, upgrade = true, ["proxy-connection"] = true, expect = true, trailer = true }
@@ -101,6 +102,9 @@ local function read_head(sock)
             elseif lname == MIGRATE then
                 head.migrate = value  -- the replica's word to the guard, not the client's
             elseif not HOP[lname] or lname == "content-length" then
+                if lname == REPLICA then
+                    head.replica = value
+                end
                 if lname == "content-length" then
                     head.length = tonumber(value)
                 elseif lname == "content-type" and value:find("text/event-stream", 1, true) then
@@ -126,6 +130,9 @@ end
 local function new_stream()
     local stream = { ids = {}, finished = false }
     stream.keep = function(line)
+        if not line:match("^%.?[%d ]*$") or line:match("  ") or line:sub(-1) == " " then
+            return nil  -- another comment line (an SSE keep-alive): not ours, left as it is
+        end
         if line:byte(1) == 46 then  -- "."
             stream.finished = true
             line = line:sub(2)
@@ -206,19 +213,27 @@ local function continuation_field(stream, cut_ms)
         .. (id and (',"id":"' .. id .. '"') or "") .. (created and (',"created":' .. created) or "") .. "}"
 end
 
--- How a cut stream the guard could not continue ended, told to a replica (which counts it): best effort.
-local function report(applet, body, why)
-    local resumed = resumed_body(body, '{"report":"' .. why .. '"}')
+local function send_report(request)
     local sock = core.tcp()
     sock:settimeout(REPORT_TIMEOUT_S)
-    if resumed and sock:connect(INNER) and sock:send(request_bytes(applet, resumed, true)) then
+    if sock:connect(INNER) and sock:send(request) then
         sock:receive("*l")
     end
     sock:close()
 end
 
--- After a cut: continue the stream on other replicas, up to MIGRATION_LIMIT times. Returns nil when it
--- ended, else why not ("outcome:reason" to report, or false when a replica refused and counted it).
+-- How a cut stream the guard could not continue ended, told to a replica (which counts it): best effort,
+-- from a task of its own, so the client's stream ends without waiting for it.
+local function report(applet, body, why)
+    local resumed = resumed_body(body, '{"report":"' .. why .. '"}')
+    if resumed then
+        core.register_task(send_report, request_bytes(applet, resumed, true))
+    end
+end
+
+-- After a cut: continue the stream on other replicas, up to MIGRATION_LIMIT tries (a continuation lost
+-- again, or refused with 503 by a full replica, takes one). Returns nil when it ended, else why not
+-- ("outcome:reason" to report, or false when a replica refused it and counted that).
 local function migrate(applet, body, stream, why)
     local tries = 0
     while not why do
@@ -229,23 +244,25 @@ local function migrate(applet, body, stream, why)
         local resumed = resumed_body(body, continuation_field(stream, now_ms()))
         local sock = resumed and open(applet, resumed, true)
         local head = sock and read_head(sock)
-        if not head or head.status ~= 200 or not head.chunked then
+        local continued = head and head.status == 200 and head.chunked and head.migrate == "ok"
+        if not continued then
             if sock then
                 sock:close()
             end
-            return false  -- refused (the replica counted it) or not answered (HAProxy's own status)
-        end
-        if head.migrate ~= "ok" then
-            stream.keep = nil  -- not tracked there (it should be: the same request): a cut is the last
-            why = "not_possible:" .. (head.migrate or "route")
-        end
-        local ended = relay_chunks(applet, sock, stream)
-        sock:close()
-        if ended then
-            return nil
-        end
-        if stream.last and stream.last:sub(-14) == "data: [DONE]\n\n" then
-            return nil
+            if not head or head.status ~= 503 then
+                -- A replica's refusal (it counted it), or else no answer, HAProxy's own status (no replica
+                -- left), or an answer that is not a continuation (a replica that does not know them): not
+                -- relayed, and reported.
+                local counted = head and head.replica and head.status ~= 200
+                return (not counted) and "failed:refused" or false
+            end
+            -- 503: that replica was full; the next try may find room
+        else
+            local ended = relay_chunks(applet, sock, stream)
+            sock:close()
+            if ended or (stream.last and stream.last:sub(-14) == "data: [DONE]\n\n") then
+                return nil
+            end
         end
     end
     return why

@@ -12,6 +12,7 @@ the context on the rendered prompt (engine/vllm_engine.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -118,9 +119,11 @@ def _unreadable(exc: Exception) -> Refused:
 class Checks:
     def __init__(self, cfg: ServiceConfig, keys: Optional[ApiKeys], quota: Optional[Quota], load: Inflight,
                  read: Callable[[str, dict], Generation], context: int,
-                 migratable: Optional[Callable[[str, dict], Optional[str]]] = None):
+                 migratable: Optional[Callable[[str, dict], Optional[str]]] = None,
+                 printed: Optional[Callable[[tuple], tuple]] = None):
         self.cfg, self.keys, self.quota, self.load, self.read = cfg, keys, quota, load, read
         self.migratable = migratable  # the engine's reason a stream cannot be continued (None: it can)
+        self.printed = printed  # a continuation's ids without a character the client did not get
         self.limits = cfg.router.limits
         self.context = context  # the engine's context length, as it resolved it (engine.max_model_len may be null)
         self.models = frozenset({cfg.model.name})  # the base model and the adapters it serves now (reconfigure)
@@ -152,9 +155,9 @@ class Checks:
             return limit
         return min(asked, limit) if limit else asked
 
-    async def read_body(self, receive, headers: dict[bytes, bytes]) -> bytes:
+    async def read_body(self, receive, headers: dict[bytes, bytes], extra: int = 0) -> bytes:
         """The body, or 413 as soon as it is known to exceed the limit (declared or counted while reading)."""
-        limit = self.limits.max_body_bytes
+        limit = self.limits.max_body_bytes + extra
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             raise self._too_large(int(declared))
@@ -201,21 +204,27 @@ class Checks:
         relays it (it may be migrated); `resumed`: the guard put a continuation in the body."""
         if method != "POST":
             return Admitted(route, key_id, b"")
-        body = await self.read_body(receive, headers)
+        # A continuation's body is the client's plus the ids already made (at most ~7 bytes each).
+        body = await self.read_body(receive, headers, 8 * self.context if resumed else 0)
         payload = parse(body)
         self.check_model(payload, key_id)
         check_shape(route.label, payload)
         model = payload.get("model")  # one this replica serves (check_model), or None: the base model
         if not route.generation:
             return Admitted(route, key_id, body, model=model)
-        resume = self._resume(payload) if resumed and route.label in USAGE_OPTION else None
+        resume = self._resume(payload) if resumed else None
         if resume is not None and resume.report:
             return Admitted(route, key_id, b"", model=model, resume=resume)
+        if resume is not None and route.label not in USAGE_OPTION:
+            raise Refused(400, f"`{RESUME_FIELD}`: {route.label} streams are not continued", param=RESUME_FIELD)
+        if resume is not None and self.printed is not None:
+            resume = dataclasses.replace(resume, ids=self.printed(resume.ids))
         check_fields(payload)
         request = self.generation(route.label, payload)
         migrate = None
         if guarded and request.stream:
             migrate = (self.migratable(route.label, payload) if self.migratable else "route") or "ok"
+        received = body
         if resume is not None:
             payload = resumed_payload(payload, resume, request.max_tokens_param, self._budget(request),
                                       request_id or "")
@@ -229,9 +238,11 @@ class Checks:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
         admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model, migrate=migrate,
-                            resume=resume)
+                            resume=resume, received=received)
         try:
-            if self.quota is not None:  # the slot is held while the bank answers: arrivals meanwhile see it
+            # The slot is held while the bank answers: arrivals meanwhile see it. A continuation was charged
+            # where the stream began.
+            if self.quota is not None and resume is None:
                 admitted.charge = await self.quota.admit(key_id, requested_tokens(
                     request, cfg.router.routing.chars_per_token, self.limits.max_tokens, self.context), request_id)
         except BaseException:

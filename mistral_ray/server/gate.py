@@ -129,21 +129,20 @@ class Gate:
         start = time.perf_counter()
         headers = dict(scope["headers"])
         request: Optional[Admitted] = None
-        key_id, status = "unknown", 500
+        key_id, status, resumed = "unknown", 500, False
         self.metrics.started(route.label)
         try:
             key_id = self.checks.authenticate(route, headers)
             picker = headers.get(_PICKER)  # an authenticated request an ingress router sent here
             self.load.arrived(picker.decode("latin-1") if picker else None)
             request_id = headers.get(_REQUEST_ID) if self.trust_request_id else None
-            trusted = self.trust_request_id  # the guard's headers: HAProxy deletes a client's
+            resumed = self.trust_request_id and _RESUME in headers  # the guard's headers: HAProxy deletes a client's
             request = await self.checks.admit(route, scope["method"], headers, receive, key_id,
                                               request_id.decode("latin-1") if request_id else None,
-                                              guarded=trusted and _MIGRATE in headers,
-                                              resumed=trusted and _RESUME in headers)
+                                              guarded=self.trust_request_id and _MIGRATE in headers, resumed=resumed)
             if request.resume is not None and request.resume.report:
                 outcome, _, reason = request.resume.report.partition(":")
-                self.metrics.migration(route.label, outcome, reason)
+                self.metrics.migration(route.label, outcome, reason, model=request.model)
                 status = 204
                 return await self._send_empty(send)
             if request.seq is not None and request.model not in (None, self.metrics.model):
@@ -169,11 +168,13 @@ class Gate:
             status = 500
             await self.answer(send, 500, Refused(500, "the replica failed the request", code="internal_error").body())
         finally:
-            resume = request.resume if request is not None else None
-            if resume is not None and not resume.report and status >= 400 and status != 499:
-                self.metrics.migration(route.label, "failed", "refused")
-            if resume is None or not resume.report:  # a report is the guard's, not a client's request
-                self.metrics.finished(route.label, status, key_id, request.model if request is not None else None)
+            report = request is not None and request.resume is not None and request.resume.report
+            # A continuation refused here (503: the guard tries another replica, and counts what it gives up)
+            if resumed and not report and status >= 400 and status not in (499, 503):
+                self.metrics.migration(route.label, "failed", "refused", model=request and request.model)
+            # a report is the guard's, not a client's request
+            self.metrics.finished(route.label, status, key_id, request.model if request is not None else None,
+                                  counted=not report)
             if request is not None:
                 if request.seq is not None:
                     self.load.remove(request.seq)
@@ -203,7 +204,7 @@ class Gate:
         if request.resume is not None:
             send_out = continuation(send_out, request.resume, chat)
             RESUMED.set(request.resume.ids)
-        if request.migrate == "ok":
+        if request.migrate == "ok" and not (request.resume is not None and request.resume.finished):
             # The role delta opens a chat: its ids wait for the event with their text (a continuation's is dropped).
             exchange.tracked = Tracked(hold_first=chat and (request.resume is None or request.resume.events == 0))
         TRACKED.set(exchange.tracked)  # what vLLM's tasks for this request inherit
@@ -325,7 +326,7 @@ class Exchange:
         resume = self.request.resume
         if resume is not None:  # not a first token: the client's wait for the stream to go on
             waited = max(0.0, time.time() - resume.cut_ms / 1000) if resume.cut_ms else None
-            self.gate.metrics.migration(self.request.route.label, "migrated", "", waited)
+            self.gate.metrics.migration(self.request.route.label, "migrated", "", waited, self.request.model)
         elif self.request.stream and self.request.route.generation:  # a unary answer's first byte is all of it
             self.gate.metrics.first_token(self.request.route.label, time.perf_counter() - self.start,
                                           self.request.model)

@@ -102,15 +102,18 @@ class Resume:
 
 def resumed_payload(payload: dict, resume: Resume, param: str, budget: Optional[int], default_id: str) -> dict:
     """The continuation's request: the completion tokens left (`budget`: what the first replica ran with,
-    None: the rest of the context), min_tokens less those made, the stream's own id."""
+    None: the rest of the context; after the last token, 1: only its usage chunk is wanted), min_tokens less
+    those made, the stream's own id."""
     made = len(resume.ids)
     out = dict(payload)
-    if budget is not None:
-        out[param] = max(1, budget - made)
+    if budget is not None or resume.finished:
+        out[param] = 1 if resume.finished or budget is None else max(1, budget - made)
         if param == "max_completion_tokens":
             out.pop("max_tokens", None)
-    if isinstance(out.get("min_tokens"), int):
-        out["min_tokens"] = max(0, out["min_tokens"] - made)
+    try:  # as vLLM reads it ("5", 5.0)
+        out["min_tokens"] = max(0, int(float(out["min_tokens"])) - made)
+    except (KeyError, TypeError, ValueError):
+        pass
     if resume.id:  # vLLM's id is "<prefix>-<request_id>" (or X-Request-Id's, which the guard passes on)
         out["request_id"] = resume.id.split("-", 1)[1] if "-" in resume.id else resume.id
     elif default_id:

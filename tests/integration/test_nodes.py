@@ -277,6 +277,7 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
             pass  # the node goes anyway: the stream that cannot be migrated is on it
         victim = wait(lambda: load.streaming.get(FIXED), 30, "the stream that cannot be migrated")
         survivor = next(r for r in before if r != victim)
+        t_lost = time.monotonic()  # the node's processes die from here on
         killed = cluster.kill_node(before[victim])
         t_kill = time.monotonic()
         wall_kill = time.time()
@@ -300,7 +301,7 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     # removes has a stream in flight, which must finish (drain) before the replica goes.
     drained = one_stream_on_each(cluster.url, set(after), streams_at_scale_down)
     failed = [r for r in load.results if r[1] != 200]
-    hit = [s for s in load.streams if s.replica == victim and s.start < t_kill < s.end]  # in flight at the loss
+    hit = [s for s in load.streams if s.replica == victim and s.start < t_lost < s.end]  # in flight at the loss
     migrated = [s for s in hit if s.migratable]
     cut = [s for s in load.streams if s.outcome == "error event"]
     broken = [s for s in load.streams if s.outcome not in ("done", "error event")]  # cut, or refused before streaming

@@ -122,10 +122,11 @@ class Recorded(RequestMetrics):
         super().reject(route, reason)
         self.calls.append(("reject", route, reason))
 
-    def finished(self, route, status, key_id, model=None):
-        super().finished(route, status, key_id, model)
-        self.calls.append(("finished", route, status, key_id))
-        self.models.append(model)
+    def finished(self, route, status, key_id, model=None, counted=True):
+        super().finished(route, status, key_id, model, counted)
+        if counted:
+            self.calls.append(("finished", route, status, key_id))
+            self.models.append(model)
 
     def first_token(self, route, seconds, model=None):
         self.calls.append(("ttft", route))

@@ -48,6 +48,8 @@ def test_a_continuation_asks_for_the_tokens_left_under_the_stream_s_own_id():
     out = resumed_payload({"max_tokens": 9, "max_completion_tokens": 10}, resume, "max_completion_tokens", 10, "")
     assert out == {"max_completion_tokens": 7, "request_id": "abc"}
     assert resumed_payload({}, Resume(ids=(1,)), "max_tokens", None, "rid") == {"request_id": "rid"}  # the context's rest
+    finished = Resume(ids=(1, 2), finished=True)  # cut after the last token: its usage chunk is all that is left
+    assert resumed_payload({"max_tokens": 50}, finished, "max_tokens", 50, "")["max_tokens"] == 1
 
 
 def _sent(resume: Resume, chat: bool, events: list[bytes]) -> list[bytes]:
@@ -117,11 +119,16 @@ def test_what_a_continuation_cannot_reproduce_is_named(route, payload, reason):
     assert reason is None or reason in NOT_POSSIBLE
 
 
-def test_a_reasoning_parser_makes_chat_streams_not_migratable():
-    from mistral_ray.engine.migration import not_migratable
+def test_a_parser_that_holds_content_back_makes_chat_streams_not_migratable():
+    from types import SimpleNamespace
+
+    from mistral_ray.engine.migration import not_migratable, parser_holds_text
 
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    assert not_migratable("chat", chat, reasoning_parser=True) == "parser"
+    assert not_migratable("chat", chat, parser_holds_text=True) == "parser"
+    holds = lambda **args: parser_holds_text(SimpleNamespace(**args))  # noqa: E731
+    assert holds(reasoning_parser="deepseek_r1") and holds(tool_call_parser="mistral")  # its parser engine buffers
+    assert not holds(tool_call_parser="pythonic") and not holds()  # deployments/local-cpu.yaml's: passes text on
 
 
 # The gate, with a stand-in of vLLM's chat serving that feeds the tracked stream as the engine would.
@@ -215,12 +222,42 @@ def test_the_guard_s_report_is_counted_and_answered_without_the_engine():
     engine = TrackingEngine()
     s = asyncio.run(server(engine=engine))
     counted = []
-    s.metrics.migration = lambda route, outcome, reason, waited=None: counted.append((route, outcome, reason))
+    s.metrics.migration = lambda route, outcome, reason, waited=None, model=None: counted.append(
+        (route, outcome, reason))
     gate = s.gate()
     gate.trust_request_id = True
     r = _post(gate, {**CHAT, "mistral_ray_resume": {"report": "not_possible:n"}}, {RESUME_HEADER: "1"})
     assert r.status_code == 204 and counted == [("chat", "not_possible", "n")] and engine.resumed == []
     assert not [c for c in s.metrics.calls if c[0] == "finished"]  # not a client's request
+    assert s.metrics._in_flight["chat"] == 0
+    r = _post(gate, {**CHAT, "stream": False, "mistral_ray_resume": {"report": "not_possible:route"}},
+              {RESUME_HEADER: "1"})
+    assert r.status_code == 204 and counted[-1] == ("chat", "not_possible", "route")
+
+
+def test_a_continuation_s_ids_stop_before_a_character_the_client_did_not_get():
+    from mistral_ray.engine.migration import printed
+
+    class Bytes:  # a byte-level tokenizer: ids are UTF-8 bytes
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    text = "a\u4e2d".encode()  # "a", then a 3-byte character
+    assert printed(Bytes(), tuple(text)) == tuple(text)
+    assert printed(Bytes(), tuple(text[:-1])) == tuple(text[:1])  # its first two bytes: held, made again
+    assert printed(Bytes(), ()) == ()
+
+
+def test_a_refused_continuation_is_counted_by_the_replica_that_refused_it():
+    engine = TrackingEngine()
+    s = asyncio.run(server(engine=engine))
+    counted = []
+    s.metrics.migration = lambda route, outcome, reason, waited=None, model=None: counted.append((outcome, reason))
+    gate = s.gate()
+    gate.trust_request_id = True
+    bad = {**CHAT, "messages": [], "mistral_ray_resume": {"ids": [1]}}  # refused by the checks (400)
+    assert _post(gate, bad, {MIGRATE_HEADER: "1", RESUME_HEADER: "1"}).status_code == 400
+    assert counted == [("failed", "refused")]
 
 
 def _post(gate, body: dict, headers: dict):

@@ -48,6 +48,7 @@ class Upstream:
         self.heads: list[bytes] = []  # every request's head, as HAProxy forwarded it
         self.bodies: list[bytes] = []
         self.reports: list[str] = []  # the guard's reports of streams it did not continue
+        self.busy = False
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(5)
@@ -109,6 +110,12 @@ class Upstream:
 
 
     async def _tracked(self, writer, body: bytes, resumed: bool):
+        if resumed and b"busy" in body and not self.busy:  # a full replica, once: 503
+            self.busy = True
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nx-mistral-ray-replica: up-1\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
         if resumed and b"refuse" in body:
             answer = b'{"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}}'
             writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -136,6 +143,8 @@ class Upstream:
             events.append(b"data: [DONE]\n\n")
         elif resumed:
             events = events[:1]
+        if b"keepalive" in body and not resumed:  # vLLM's SSE keep-alive comment (sse_keep_alive_interval)
+            events.insert(1, b": keep-alive\n\n")
         for event in events:
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
         await writer.drain()
@@ -527,3 +536,11 @@ def test_a_client_that_has_gone_is_not_continued(proxy):
         time.sleep(0.05)
     time.sleep(1)  # the stream's replica is gone too now: nothing may follow
     assert len(up.left) > left and _resumes(up, before) == [] and _reported(up, reports, 0) == []
+
+
+def test_a_full_replica_s_503_is_tried_again_and_other_comments_are_not_marks(proxy):
+    base, up, _ = proxy
+    before = len(up.bodies)
+    got, error = _chat(base, "migrate busy keepalive")
+    assert error is None and [g[1] for g in got] == ["t0 ", "t1 ", "t2 ", "t3 "]
+    assert [r["ids"] for r in _resumes(up, before)] == [[10, 11], [10, 11]]  # 503, then continued
