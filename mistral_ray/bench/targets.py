@@ -224,25 +224,31 @@ def _ray_serve_llm(label: str, replicas: int, mode: str, workdir: Path, engine: 
     return Target(label, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, 2.5)
 
 
+def ours_spec(rest: str) -> tuple[str, Optional[int], dict]:
+    """`<policy>[:<replicas>[:<router field>=<value>,...]]` (what follows `ours:`): the policy, the replicas
+    (None: the bench's --replicas), the router fields the deployment file's router section gets."""
+    policy, _, more = rest.partition(":")
+    n, _, router = more.partition(":")
+    fields = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in router.split(",") if item)}
+    return policy or "pow2", int(n) if n else None, fields
+
+
 def start(spec: str, workdir: Path, replicas: int = 2, ready_timeout_s: float = 600,
           label: Optional[str] = None, engine: Optional[dict] = None) -> Target:
     """Start the target `spec` names and return once it answers a completion (else RuntimeError). `label`
     names its results and its files in `workdir` (default: the spec); `engine` overrides engine fields of
     the deployment file for every kind of target."""
-    if "=" in spec:
-        name, url = spec.split("=", 1)
+    name, _, url = spec.partition("=")
+    if url.startswith(("http://", "https://")):  # label=url (not ours:...:field=value)
         return Target(name, url.rstrip("/"))
     kind, _, rest = spec.partition(":")
     label = label or spec
     files = label.replace(":", "-").replace("#", "-")
     if kind == "ours":
-        policy, _, n = rest.partition(":")
-        n, _, router = n.partition(":")  # router fields the file's router section gets: `field=value,...`
-        fields = dict(item.split("=", 1) for item in router.split(",") if item)
-        update = (lambda args: args["router"].update({k: yaml.safe_load(v) for k, v in fields.items()})) \
-            if fields else None
-        target = _ours(files, policy or "pow2", int(n or replicas), workdir, engine, update=update)
-        target.replicas = int(n or replicas)
+        policy, n, fields = ours_spec(rest)
+        update = (lambda args: args["router"].update(fields)) if fields else None
+        target = _ours(files, policy, n or replicas, workdir, engine, update=update)
+        target.replicas = n or replicas
     elif kind == "vllm":
         target = _vllm(files, workdir, engine)
     elif kind == "ray-serve-llm":

@@ -208,3 +208,12 @@ def test_cpu_and_memory_of_a_running_targets_session():
         proc.kill()
         proc.wait()
     assert target.cpu_s() == {} and target.memory_mb() is None  # not running: nothing to read
+
+
+def test_an_ours_target_names_its_policy_replicas_and_router_fields():
+    from mistral_ray.bench.targets import ours_spec
+
+    assert ours_spec("") == ("pow2", None, {})
+    assert ours_spec("kv_aware:2") == ("kv_aware", 2, {})
+    assert ours_spec("pow2:1:migration_limit=0,stream_guard=false") == (
+        "pow2", 1, {"migration_limit": 0, "stream_guard": False})
