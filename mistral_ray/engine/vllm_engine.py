@@ -261,6 +261,8 @@ class VLLMEngine:
             "kv_events": self.kv_events(),
             "adapters": sorted(self.adapters.names()),
             "max_loras": cfg.lora_config.max_loras if cfg.lora_config is not None else 0,
+            # what a request that names no max_tokens gets (the model's generation config), within the context
+            "default_max_tokens": model.get_diff_sampling_param().get("max_tokens"),
         }
 
     def kv_events(self) -> Optional[dict[str, Any]]:

@@ -120,10 +120,11 @@ class Checks:
     def __init__(self, cfg: ServiceConfig, keys: Optional[ApiKeys], quota: Optional[Quota], load: Inflight,
                  read: Callable[[str, dict], Generation], context: int,
                  migratable: Optional[Callable[[str, dict], Optional[str]]] = None,
-                 printed: Optional[Callable[[tuple], tuple]] = None):
+                 printed: Optional[Callable[[tuple], tuple]] = None, default_max_tokens: Optional[int] = None):
         self.cfg, self.keys, self.quota, self.load, self.read = cfg, keys, quota, load, read
         self.migratable = migratable  # the engine's reason a stream cannot be continued (None: it can)
         self.printed = printed  # a continuation's ids without a character the client did not get
+        self.default_max_tokens = default_max_tokens  # the engine's, for a request that names none
         self.limits = cfg.router.limits
         self.context = context  # the engine's context length, as it resolved it (engine.max_model_len may be null)
         self.models = frozenset({cfg.model.name})  # the base model and the adapters it serves now (reconfigure)
@@ -147,9 +148,12 @@ class Checks:
             raise Refused(400, f"`{RESUME_FIELD}` is not the stream guard's: {exc}", param=RESUME_FIELD) from None
 
     def _budget(self, request: Generation) -> Optional[int]:
-        """The completion tokens the first part ran with (the operator's limit caps what was asked); None:
-        the rest of the context, which a continuation's longer prompt shrinks by itself."""
+        """The completion tokens the first part ran with (what was asked, else the route's default, else the
+        engine's, capped by the operator's limit); None: the rest of the context, which a continuation's
+        longer prompt shrinks by itself."""
         asked = request.max_tokens if request.max_tokens is not None else request.default_max_tokens
+        if asked is None:
+            asked = self.default_max_tokens
         limit = self.limits.max_tokens
         if asked is None:
             return limit

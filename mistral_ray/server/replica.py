@@ -120,7 +120,8 @@ class LLMServer:
         bank = Quota(quota, cfg.router.limits.quota_timeout_s) if quota is not None else None
         self.checks = Checks(cfg, keys, bank, self.load, self.engine.read_request,
                              info.get("max_model_len") or cfg.engine.max_model_len or 0,
-                             getattr(self.engine, "not_migratable", None), getattr(self.engine, "printed_ids", None))
+                             getattr(self.engine, "not_migratable", None), getattr(self.engine, "printed_ids", None),
+                             info.get("default_max_tokens"))
 
     async def reconfigure(self, user_config: Optional[dict]) -> None:
         """Serve calls this with the deployment's `user_config` at start and whenever a deploy changes only it:

@@ -205,6 +205,18 @@ def test_a_continuation_runs_the_first_part_s_ids_and_continues_its_stream():
     assert ("ttft", "chat") not in s.metrics.calls  # a continuation's first event is not a first token
 
 
+def test_a_continuation_of_a_request_without_max_tokens_gets_what_is_left_of_the_engine_s_default():
+    engine = TrackingEngine()
+    engine.info = lambda: {**engine.inner.info(), "default_max_tokens": 20}  # the model's generation config
+    s = asyncio.run(server(engine=engine))
+    gate = s.gate()
+    gate.trust_request_id = True
+    body = {k: v for k, v in CHAT.items() if k != "max_tokens"}
+    resume = {"ids": [7, 8, 9], "events": 3}
+    assert _post(gate, {**body, "mistral_ray_resume": resume}, {MIGRATE_HEADER: "1", RESUME_HEADER: "1"}).status_code == 200
+    assert engine.resumed[-1][1]["max_tokens"] == 17
+
+
 def test_a_client_cannot_resume_a_stream():
     engine = TrackingEngine()
     s = asyncio.run(server(engine=engine))
