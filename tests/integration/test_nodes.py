@@ -313,7 +313,9 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
         print(f"  {at:6.1f}s  {event}")
     assert not failed, failed[:5]
     assert all(s.outcome == "done" for s in load.streams if s.migratable), load.streams  # 0 cut, 0 broken
-    assert [s for s in hit if not s.migratable] == cut and cut, load.streams  # the other: the error event
+    # The other: the error event, unless it ended before its replica did (the node's processes die one by one,
+    # over a second or two: a CI run saw the stop-string stream finish 1.5 s into the kill).
+    assert cut == [s for s in hit if not s.migratable and s.outcome != "done"], load.streams
     assert not broken, broken
     assert set(after) == {survivor, new} and after[new] == after[survivor]  # back, on the surviving worker
     # What a real Prometheus saw during it: the alert's condition, and the error panel's cut streams.
@@ -322,18 +324,20 @@ def test_losing_a_worker_under_load_then_scaling_down_drains(cluster, prometheus
     assert down and any(float(v) < 2 for s in down for _, v in s["values"]), down
     cuts = [s for s in query_range(prometheus, errors_expr, wall_kill - 5, time.time())
             if s["metric"].get("status_code") == "502"]  # the streams the guard ended, as their clients got them
-    assert cuts and max(float(v) for s in cuts for _, v in s["values"]) > 0, cuts
+    assert not cut or (cuts and max(float(v) for s in cuts for _, v in s["values"]) > 0), cuts
     ratio = next(r["expr"] for g in yaml.safe_load(monitoring.RULES.read_text())["groups"] for r in g["rules"]
                  if r.get("record") == "mistral_ray:error_ratio:rate5m")
     failing = query_range(prometheus, ratio, wall_kill - 5, time.time())
-    assert failing and max(float(v) for s in failing for _, v in s["values"]) > 0, failing  # the alert's input
+    # the alert's input
+    assert not cut or (failing and max(float(v) for s in failing for _, v in s["values"]) > 0), failing
     if migrated:
         moved = next(e for t, e in panel_queries("1m", "local") if t.startswith("Stream migrations"))
         seen = query_range(prometheus, moved, wall_kill - 5, time.time())
         assert any(s["metric"].get("outcome") == "migrated" and max(float(v) for _, v in s["values"]) > 0
                    for s in seen), seen
     print(f"  prometheus: {alert['alert']} condition held for {sum(len(s['values']) for s in down)} s; "
-          "the error panel showed the cut stream" + (", the migration panel the migrated ones" if migrated else ""))
+          + ("the error panel showed the cut stream" if cut else "no stream cut")
+          + (", the migration panel the migrated ones" if migrated else ""))
     wait(lambda: len(cluster.replicas()) == 1, 180, "back to one replica")
     for t in drained:
         t.join(timeout=300)
