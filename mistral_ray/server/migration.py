@@ -94,9 +94,13 @@ class Resume:
         if report is not None and (not isinstance(report, str) or report.partition(":")[0] not in OUTCOMES):
             raise BadResume("report")
         sid, created = value.get("id"), value.get("created")
+        try:
+            events, cut_ms = int(value.get("events") or 0), float(value.get("cut_ms") or 0)
+        except (TypeError, ValueError):
+            raise BadResume("events, cut_ms") from None
         return cls(ids=tuple(ids), id=sid if isinstance(sid, str) else None,
-                   created=created if type(created) is int else None, events=int(value.get("events") or 0),
-                   finished=bool(value.get("finished")), cut_ms=float(value.get("cut_ms") or 0),
+                   created=created if type(created) is int else None, events=events,
+                   finished=bool(value.get("finished")), cut_ms=cut_ms,
                    report=report)
 
 
@@ -127,7 +131,7 @@ def continuation(send, resume: Resume, chat: bool):
     last token (`finished`), only the usage chunk and [DONE] go out."""
     made = len(resume.ids)
     created = b'"created":%d' % resume.created if resume.created is not None else None
-    state = {"first": chat and resume.events > 0, "buffer": b""}
+    state = {"first": chat and resume.events > 0}
 
     async def rewritten(message) -> None:
         if message["type"] != "http.response.body" or not message.get("body"):

@@ -36,7 +36,8 @@ def test_only_the_guard_s_shape_of_resume_is_read():
                       "cut_ms": 1.5})
     assert (r.ids, r.id, r.created, r.events, r.finished, r.cut_ms) == ((1, 2), "chatcmpl-x", 7, 1, False, 1.5)
     assert Resume.parse({"report": "not_possible:n"}).report == "not_possible:n"
-    for bad in (None, [], {"ids": [1, "2"]}, {"ids": [-1]}, {"ids": [True]}, {"report": "anything"}):
+    for bad in (None, [], {"ids": [1, "2"]}, {"ids": [-1]}, {"ids": [True]}, {"report": "anything"},
+                {"events": "x"}, {"cut_ms": [1]}):
         with pytest.raises(BadResume):
             Resume.parse(bad)
 
