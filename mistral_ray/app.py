@@ -21,8 +21,9 @@ def build(cfg: ServiceConfig) -> Application:
     # on a cluster the builder runs on the head, which hosts no engine.
     r = cfg.router
     # The bank remembers charged request ids for HAProxy's retries as long as a request may take, twice.
+    # With keys, a key file line may carry the key's own limits (read by the replicas, not here).
     bank = (quota.deployment(cfg).bind(r.limits, r.retries, 2 * r.request_timeout_s)
-            if r.limits.rate_limited else None)
+            if r.limits.rate_limited or r.api_keys.enabled else None)
     llm = replica.deployment(cfg).bind(cfg, bank)
     if replica.haproxy_serves():
         return llm._with_ingress_request_router(ingress.deployment(cfg).bind(llm, cfg))

@@ -168,6 +168,12 @@ class EngineConfig(_Strict):
         None, description="How tool calls are read from the model's text: `mistral` for Mistral's "
         "[TOOL_CALLS] format (vLLM's parser names: mistral, hermes, llama3_json, ...)."
     )
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "priority", description="vLLM --scheduling-policy. priority: the engine runs its queue by each request's "
+        "priority, which the gate sets from the API key's tier and its fair share (router.tenants; a client's "
+        "own `priority` is refused), and preempts the lowest first when the KV cache runs out; requests of equal "
+        "priority run first come, first served. fcfs: arrival order for everyone."
+    )
     lora: Optional[LoraConfig] = Field(
         None, description="Serve LoRA adapters of this model (listed in the LLM deployment's user_config, see "
         "AdaptersConfig); null: none, and a file naming adapters is refused.")
@@ -243,8 +249,9 @@ class ApiKeysConfig(_Strict):
     )
     file: str = Field(
         "/etc/mistral-ray/api-keys/keys",
-        description="One key per line as `<key id>:<key>` (`#` comments); on Kubernetes a Secret mounted here. "
-        "Only the key id ever reaches logs and metrics.",
+        description="One key per line as `<key id>:<key>`, optionally followed by the key's tenant attributes "
+        "`tier=<name> weight=<w> rpm=<n> tpm=<n>` (router.tenants; rpm/tpm replace router.limits' for this key); "
+        "`#` comments. On Kubernetes a Secret mounted here. Only the key id ever reaches logs and metrics.",
     )
     env: Optional[str] = Field(
         None, description="Also read keys (same format, comma- or newline-separated) from this env variable."
@@ -365,6 +372,39 @@ class LimitsConfig(_Strict):
         return bool(self.requests_per_minute or self.tokens_per_minute)
 
 
+class TenantsConfig(_Strict):
+    """What an API key's tier and weight mean (server/fairness.py). The key file names them per key:
+    `<key id>:<key> tier=<name> weight=<w> rpm=<n> tpm=<n>`, every attribute optional (router.api_keys)."""
+
+    tiers: dict[str, int] = Field(
+        default_factory=lambda: {"interactive": 0, "standard": 1, "batch": 2},
+        description="Tier name -> priority (lower runs first; 0-99). With engine.scheduling_policy priority "
+        "the engine runs a higher tier's waiting requests before a lower tier's, and preempts the lowest tier "
+        "first. Tier names are the `tier` label of the per-tier metrics, so they stay few.")
+    default_tier: str = Field("standard", description="The tier of keys that name none (and of every request "
+                              "when keys are off).")
+    fair_share: bool = Field(
+        True, description="With API keys on: between keys, a replica's engine queue runs in weighted fair "
+        "order (start-time fair queueing on the tokens each request asks for; needs scheduling_policy priority) "
+        "and, once the replica holds max_ongoing_requests minus the reserve, only keys holding less than the "
+        "heaviest key (in-flight requests per weight, lower tiers counted heavier) are admitted: a key that "
+        "floods is refused (503) before a light one. Off: first come, first served, up to the bound.")
+    reserve: float = Field(
+        0.125, ge=0, lt=1, description="Fraction of scaling.max_ongoing_requests (at least one request) the "
+        "heaviest key cannot take: what a light key finds free on a replica another key floods.")
+
+    @model_validator(mode="after")
+    def _default_is_a_tier(self) -> "TenantsConfig":
+        if not self.tiers:
+            raise ValueError("tiers must name at least one tier")
+        bad = sorted(name for name, priority in self.tiers.items() if not 0 <= priority <= 99 or not name.strip())
+        if bad:
+            raise ValueError(f"tier {bad[0]!r}: priorities are 0-99 and names non-empty")
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not one of tiers ({', '.join(self.tiers)})")
+        return self
+
+
 class RouterConfig(_Strict):
     """The front door: HAProxy, the ingress router it asks once per request, and the checks every replica
     runs before its engine (keys, sizes, rate, timeouts)."""
@@ -409,6 +449,7 @@ class RouterConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_keys: ApiKeysConfig = Field(default_factory=ApiKeysConfig)
+    tenants: TenantsConfig = Field(default_factory=TenantsConfig)
 
 
 class ObservabilityConfig(_Strict):

@@ -27,8 +27,11 @@ MIGRATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 ROUTE_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]
 
 REJECT_REASONS = (
-    "validation", "too_large", "model_not_found", "auth", "rate_limit", "overload", "timeout", "not_served"
+    "validation", "too_large", "model_not_found", "auth", "rate_limit", "overload", "fair_share", "timeout",
+    "not_served"
 )
+# What became of a generation request of a known key, by tier: the refusals fair share and capacity decide.
+TIER_OUTCOMES = ("admitted", "fair_share", "overload", "rate_limit")
 
 
 class _Off:
@@ -134,6 +137,22 @@ class RequestMetrics:
             "Migrated streams: from the cut (as the stream guard saw it) to the continuation's first event.",
             ("route", "model"), boundaries=MIGRATION_BUCKETS,
         )
+        self.tier_requests = _declare(
+            enabled, metrics.Counter, "mistral_ray_tier_requests_total",
+            "Generation requests of a known key by its tier (router.tenants.tiers; keys off: the default tier) "
+            "and what became of them: admitted, or refused by fair share, capacity or rate limit.",
+            ("model", "tier", "outcome"),
+        )
+        self.tier_queue = _declare(
+            enabled, metrics.Histogram, "mistral_ray_tier_queue_seconds",
+            "Generation requests by tier: time in the engine's queue (queued -> first scheduled, vLLM's clock).",
+            ("model", "tier"), boundaries=TTFT_BUCKETS,
+        )
+        self.tier_ttft = _declare(
+            enabled, metrics.Histogram, "mistral_ray_tier_time_to_first_token_seconds",
+            "Streamed generation requests by tier: from request received by the replica to its first event sent.",
+            ("model", "tier"), boundaries=TTFT_BUCKETS,
+        )
         self.replica = ""  # the replica's id, for the adapters_held label
         self._in_flight: dict[str, int] = {}
 
@@ -173,6 +192,17 @@ class RequestMetrics:
     def reject(self, route: str, reason: str) -> None:
         assert reason in REJECT_REASONS, reason
         self.rejected.inc(tags={"route": route, "model": self.model, "reason": reason})
+
+    def tier(self, tier: str, outcome: str) -> None:
+        assert outcome in TIER_OUTCOMES, outcome
+        self.tier_requests.inc(tags={"model": self.model, "tier": tier, "outcome": outcome})
+
+    def tier_waited(self, tier: str, queued_s: float | None, first_token_s: float | None) -> None:
+        tags = {"model": self.model, "tier": tier}
+        if queued_s is not None:
+            self.tier_queue.observe(queued_s, tags=tags)
+        if first_token_s is not None:
+            self.tier_ttft.observe(first_token_s, tags=tags)
 
     def kv_prediction(self, route: str, predicted: int, cached: int) -> None:
         """kv_aware: what the router predicted against what the engine reused for this request."""

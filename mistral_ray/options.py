@@ -49,6 +49,7 @@ def vllm_args(cfg: ServiceConfig) -> dict[str, Any]:
         chat_template=e.chat_template,
         enable_auto_tool_choice=e.enable_auto_tool_choice,
         tool_call_parser=e.tool_call_parser,
+        scheduling_policy=e.scheduling_policy,
     )
     if e.device == "cuda":
         args["gpu_memory_utilization"] = e.gpu_memory_utilization

@@ -165,17 +165,19 @@ def bench_service(engine: Optional[dict] = None, path: Path = LOCAL_CPU) -> Serv
 
 
 def _ours(label: str, policy: str, replicas: int, workdir: Path, engine: Optional[dict] = None,
-          update: Optional[Callable[[dict], None]] = None, deployments: Optional[list] = None) -> Target:
-    """`update`: changes the app's args further (the LoRA bench); `deployments`: the file's overrides of them."""
+          update: Optional[Callable[[dict], None]] = None, deployments: Optional[list] = None,
+          keys: str = "") -> Target:
+    """`update`: changes the app's args further (the LoRA bench); `deployments`: the file's overrides of them;
+    `keys`: more key file lines (the tenants bench)."""
     raw = yaml.safe_load(LOCAL_CPU.read_text())
     args = bench_service(engine).model_dump(mode="json")
     args["scaling"].update(min_replicas=replicas, max_replicas=replicas, initial_replicas=None)
     args["router"]["routing"]["policy"] = policy
     if update is not None:
         update(args)
-    keys = workdir / "api-keys"
-    keys.write_text(f"bench:{BENCH_KEY}\n")
-    args["router"]["api_keys"].update(enabled=True, file=str(keys))
+    keys_file = workdir / "api-keys"
+    keys_file.write_text(f"bench:{BENCH_KEY}\n{keys}")
+    args["router"]["api_keys"].update(enabled=True, file=str(keys_file))
     ports = _local_ports()
     metrics_port, port = free_port(), free_port()
     # Metrics pushed as the deployment file says (not faster: pushing costs CPU the engine would use).

@@ -35,6 +35,7 @@ from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from mistral_ray.engine.adapters import Adapters
 from mistral_ray.engine.migration import not_migratable, parser_holds_text, printed, resume_prompts, track_outputs
+from mistral_ray.engine.scheduling import prioritize
 from mistral_ray.engine.requests import read
 from mistral_ray.engine.step_stats import Listener, StepStats
 from mistral_ray.routing.hint import PROBE_CHAT
@@ -179,6 +180,7 @@ class VLLMEngine:
         _reject_overlong(state.online_renderer, llm.model_config, max_prompt_tokens)
         resume_prompts(state.online_renderer)  # after the limits: they judge the prompt the client sent
         track_outputs(llm)
+        prioritize(llm)  # outermost: the priority is the gate's whatever vLLM's serving passes
         self.parser_holds_text = parser_holds_text(args)
         for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses",
                      "anthropic_serving_messages", "serving_tokenization"):

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from mistral_ray.config import ServiceConfig
-from mistral_ray.server.auth import ApiKeys
+from mistral_ray.server.auth import ApiKeys, Tenant
 from mistral_ray.server.errors import Refused
+from mistral_ray.server.fairness import BAND, FairShare, Ticket
 from mistral_ray.server.generation import Generation, Unreadable
 from mistral_ray.server.limits import check_sizes, requested_tokens
 from mistral_ray.server.load import Inflight, Sequence
@@ -46,6 +47,8 @@ class Admitted:
     model: Optional[str] = None  # the base model or the adapter it named (its metrics' label)
     migrate: Optional[str] = None  # a guarded stream: "ok" (tracked for migration) or why it cannot be continued
     resume: Optional[Resume] = None  # a continuation (or the guard's report) of a stream cut elsewhere
+    tenant: Optional[Tenant] = None  # whose key sent it (keys on), or the default tier's
+    ticket: Optional[Ticket] = None  # what the engine is told (generation routes): its priority
 
     def __post_init__(self):
         self.received = self.received or self.body
@@ -82,7 +85,8 @@ def check_shape(route: str, payload: dict[str, Any]) -> None:
 NOT_SERVED_FIELDS = {"kv_transfer_params": "disaggregated serving's transfer parameters",
                      "ec_transfer_params": "disaggregated serving's encoder-cache transfer parameters",
                      "vllm_xargs": "vLLM's per-request extension arguments (KV connectors, plugins)",
-                     RESUME_FIELD: "the stream guard's own continuation of a migrated stream"}
+                     RESUME_FIELD: "the stream guard's own continuation of a migrated stream",
+                     "priority": "the engine priority, which the server sets from the API key's tier and fair share"}
 
 
 def check_fields(payload: dict[str, Any]) -> None:
@@ -129,6 +133,24 @@ class Checks:
         self.context = context  # the engine's context length, as it resolved it (engine.max_model_len may be null)
         self.models = frozenset({cfg.model.name})  # the base model and the adapters it serves now (reconfigure)
         self.allowed: dict[str, frozenset] = {}  # adapter -> the key ids that may use it (adapters with a list)
+        tenants = cfg.router.tenants
+        self.anyone = Tenant("none", tenants.default_tier, tenants.tiers[tenants.default_tier])
+        # Fair share needs two keys at least: a key file of one has nobody to keep the reserve for.
+        self.fair = (FairShare(cfg.scaling.max_ongoing_requests, tenants.reserve)
+                     if keys is not None and tenants.fair_share and len(keys.tenants) > 1 else None)
+        self.priorities = cfg.engine.scheduling_policy == "priority"  # fcfs: vLLM takes priority 0 only
+
+    def tenant(self, key_id: str) -> Tenant:
+        return self.keys.tenants.get(key_id, self.anyone) if self.keys is not None else self.anyone
+
+    def _ticket(self, tenant: Tenant, seq: Sequence, tokens: int) -> Ticket:
+        """The engine's priority for a request: its tier's band, and its place in the fair order."""
+        if not self.priorities or self.keys is None:
+            return Ticket(0)
+        if self.fair is None:
+            return Ticket(tenant.priority * BAND)
+        seq.tag = self.fair.tag(tenant, tokens)
+        return Ticket(self.fair.priority(tenant, seq.tag))
 
     def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
         """The caller's key id ("none" with keys off or on a probe)."""
@@ -236,22 +258,27 @@ class Checks:
             request = self.generation(route.label, payload)
         check_sizes(request, self.limits)
         cfg = self.cfg
+        tenant = self.tenant(key_id)
+        if self.fair is not None and self.fair.refuses(tenant, self.load.holders()):
+            raise Refused(503, "this replica is nearly full and your API key holds the largest share of it; "
+                          "retry later", code="overloaded", retry_after_s=1, reason="fair_share")
         seq = self.load.reserve(request.prompt_tokens(cfg.router.routing.chars_per_token),
-                                request.n * max(1, request.prompts))
+                                request.n * max(1, request.prompts), tenant if self.keys is not None else None)
         if seq is None:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
+        tokens = requested_tokens(request, cfg.router.routing.chars_per_token, self.limits.max_tokens, self.context)
         admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model, migrate=migrate,
-                            resume=resume, received=received)
+                            resume=resume, received=received, tenant=tenant)
         try:
             # The slot is held while the bank answers: arrivals meanwhile see it. A continuation was charged
-            # where the stream began.
-            if self.quota is not None and resume is None:
-                admitted.charge = await self.quota.admit(key_id, requested_tokens(
-                    request, cfg.router.routing.chars_per_token, self.limits.max_tokens, self.context), request_id)
+            # where the stream began; a key without limits (its own or the app's) is not asked about.
+            if self.quota is not None and resume is None and (self.limits.rate_limited or tenant.limited):
+                admitted.charge = await self.quota.admit(key_id, tokens, request_id, tenant.limited)
         except BaseException:
             self.load.remove(seq)
             raise
+        admitted.ticket = self._ticket(tenant, seq, tokens)  # admitted: its place in the fair order is taken
         if request.stream and route.label in USAGE_OPTION and not request.include_usage:
             # vLLM's final usage chunk is how the replica counts a stream's tokens; the client never sees it.
             options = payload.get("stream_options")

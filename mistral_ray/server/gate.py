@@ -23,6 +23,7 @@ from mistral_ray.routing.ingress import PICKER_HEADER, PREDICTED_HEADER, PROMPT_
 from mistral_ray.routing.prompts import body_digest
 from mistral_ray.server.checks import Admitted, Checks
 from mistral_ray.server.errors import REPLICA_HEADER, REQUEST_ID_HEADER, Refused, normalized, sse_error
+from mistral_ray.server.fairness import TICKET
 from mistral_ray.server.generation import PROMPT_IDS_SCOPE
 from mistral_ray.server.load import Inflight
 from mistral_ray.server.migration import MIGRATE_HEADER, RESUME_HEADER, RESUMED, TRACKED, Tracked, continuation
@@ -145,6 +146,8 @@ class Gate:
                 self.metrics.migration(route.label, outcome, reason, model=request.model)
                 status = 204
                 return await self._send_empty(send)
+            if request.seq is not None and request.resume is None:
+                self.metrics.tier(request.tenant.tier, "admitted")
             if request.seq is not None and request.model not in (None, self.metrics.model):
                 request.seq.adapter = request.model
                 self.metrics.adapter_used(request.model, *self.load.used(request.model))
@@ -157,6 +160,8 @@ class Gate:
             status = refusal.status
             if status != 499:  # 499: the client left while sending its body, nobody to answer
                 self.metrics.reject(route.label, refusal.reason)
+                if refusal.reason in ("fair_share", "overload", "rate_limit") and key_id != "unknown":
+                    self.metrics.tier(self.checks.tenant(key_id).tier, refusal.reason)
                 if status == 401:
                     logger.info("refused %s %s: missing or unknown API key", scope["method"], scope["path"])
                 await self.answer(send, status, refusal.body(), refusal.headers())
@@ -208,6 +213,7 @@ class Gate:
             # The role delta opens a chat: its ids wait for the event with their text (a continuation's is dropped).
             exchange.tracked = Tracked(hold_first=chat and (request.resume is None or request.resume.events == 0))
         TRACKED.set(exchange.tracked)  # what vLLM's tasks for this request inherit
+        TICKET.set(request.ticket)
         app = self.app(scope, _replay(request.body, receive) if scope["method"] == "POST" else receive, send_out)
         try:
             if request.route.generation:
@@ -323,13 +329,20 @@ class Exchange:
         self.first_byte.set_result(None)
         if self.seq is not None:
             self.seq.started = True
+            fair = self.gate.checks.fair
+            if fair is not None and self.seq.tag is not None:
+                fair.started(self.seq.tag)
         resume = self.request.resume
         if resume is not None:  # not a first token: the client's wait for the stream to go on
             waited = max(0.0, time.time() - resume.cut_ms / 1000) if resume.cut_ms else None
             self.gate.metrics.migration(self.request.route.label, "migrated", "", waited, self.request.model)
-        elif self.request.stream and self.request.route.generation:  # a unary answer's first byte is all of it
-            self.gate.metrics.first_token(self.request.route.label, time.perf_counter() - self.start,
-                                          self.request.model)
+        elif self.request.route.generation:
+            waited = time.perf_counter() - self.start
+            if self.request.stream:  # a unary answer's first byte is all of it
+                self.gate.metrics.first_token(self.request.route.label, waited, self.request.model)
+            ticket = self.request.ticket
+            self.gate.metrics.tier_waited(self.request.tenant.tier, ticket and ticket.queued_s,
+                                          waited if self.request.stream else None)
 
     def _count(self, body: bytes) -> None:
         usage = usage_of(body)

@@ -61,24 +61,30 @@ class RateLimiter:
         self.buckets: OrderedDict[str, tuple[Optional[TokenBucket], Optional[TokenBucket]]] = OrderedDict()
         self.lock = threading.Lock()  # check and take are one step, whichever thread calls
 
-    def _buckets(self, key_id: str):
-        if key_id not in self.buckets:
+    def _buckets(self, key_id: str, rpm: Optional[int], tpm: Optional[int]):
+        held = self.buckets.get(key_id)
+        if held is None or tuple(b.capacity if b else None for b in held) != (rpm, tpm):
             while len(self.buckets) >= self.max_keys:  # bounded memory even with many distinct keys
                 self.buckets.popitem(last=False)
-            self.buckets[key_id] = (TokenBucket(self.rpm, self.now) if self.rpm else None,
-                                    TokenBucket(self.tpm, self.now) if self.tpm else None)
+            self.buckets[key_id] = (TokenBucket(rpm, self.now) if rpm else None,
+                                    TokenBucket(tpm, self.now) if tpm else None)
         self.buckets.move_to_end(key_id)
         return self.buckets[key_id]
 
-    def admit(self, key_id: str, tokens: int) -> tuple[float, float]:
-        """Charge one request and `tokens`, or raise Refused(429). Returns the charge (requests, tokens)."""
+    def admit(self, key_id: str, tokens: int, own: Optional[tuple[Optional[int], Optional[int]]] = None
+              ) -> tuple[float, float]:
+        """Charge one request and `tokens`, or raise Refused(429). Returns the charge (requests, tokens).
+        `own`: the key's own (rpm, tpm), each replacing the default when set."""
         with self.lock:
-            return self._admit(key_id, tokens)
+            return self._admit(key_id, tokens, own)
 
-    def _admit(self, key_id: str, tokens: int) -> tuple[float, float]:
-        requests, token_bucket = self._buckets(key_id)
-        waits = [(requests.wait_s(1) if requests else 0.0, "requests", self.rpm),
-                 (token_bucket.wait_s(tokens) if token_bucket else 0.0, "tokens", self.tpm)]
+    def _admit(self, key_id: str, tokens: int, own: Optional[tuple[Optional[int], Optional[int]]]
+               ) -> tuple[float, float]:
+        rpm, tpm = own or (None, None)
+        rpm, tpm = rpm or self.rpm, tpm or self.tpm
+        requests, token_bucket = self._buckets(key_id, rpm, tpm)
+        waits = [(requests.wait_s(1) if requests else 0.0, "requests", rpm),
+                 (token_bucket.wait_s(tokens) if token_bucket else 0.0, "tokens", tpm)]
         wait, what, limit = max(waits)
         if wait > 0:
             raise Refused(429, f"Rate limit reached for {what} per minute (limit {limit}) on this key; "

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from itertools import chain, repeat
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from mistral_ray.autoscaling import KV_USAGE, RUNNING, WAITING
 from mistral_ray.routing.policies import ACTIVE, ADAPTERS, ARRIVALS, SERVED, kv_usage
+from mistral_ray.server.auth import Tenant
 
 
 MAX_PICKERS = 256  # ingress routers, one per node
@@ -26,11 +27,13 @@ _PICKER_CHARS = 64
 class Sequence:
     """One admitted request: `width` sequences in the engine (n x prompts) of about `tokens` each."""
 
-    __slots__ = ("tokens", "width", "started", "adapter")
+    __slots__ = ("tokens", "width", "started", "adapter", "tenant", "tag")
 
-    def __init__(self, tokens: float, width: int = 1):
+    def __init__(self, tokens: float, width: int = 1, tenant: Optional[Tenant] = None):
         self.tokens, self.width, self.started = tokens, max(1, width), False
         self.adapter: Optional[str] = None  # the LoRA adapter it runs on (None: the base model)
+        self.tenant = tenant  # whose key sent it (fair share; None: keys off)
+        self.tag: Optional[float] = None  # its start tag in the fair order (server/fairness.py)
 
     def grow(self) -> None:
         """One streamed chunk: a token of one of its `width` sequences."""
@@ -80,12 +83,12 @@ class Inflight:
             self.arrivals.popitem(last=False)  # the router seen least recently (one that left)
         self._changed()
 
-    def reserve(self, prompt_tokens: int, width: int = 1) -> Optional[Sequence]:
+    def reserve(self, prompt_tokens: int, width: int = 1, tenant: Optional[Tenant] = None) -> Optional[Sequence]:
         """A slot for one request, or None when the replica holds max_ongoing_requests already. Nothing
         is awaited between the count and the take: concurrent arrivals cannot pass the same count."""
         if len(self.sequences) >= self.max_ongoing:
             return None
-        seq = Sequence(prompt_tokens // max(1, width), width)
+        seq = Sequence(prompt_tokens // max(1, width), width, tenant)
         self.sequences.add(seq)
         self._changed()
         return seq
@@ -93,6 +96,10 @@ class Inflight:
     def remove(self, seq: Sequence) -> None:
         self.sequences.discard(seq)
         self._changed()
+
+    def holders(self) -> Iterator[Tenant]:
+        """The tenant of each request held (keys on)."""
+        return (s.tenant for s in self.sequences if s.tenant is not None)
 
     def _changed(self) -> None:
         if self.on_change is not None:

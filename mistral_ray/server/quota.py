@@ -2,8 +2,9 @@
 
 One `QuotaBank` replica (a Serve deployment of the same application, no CPU reserved) holds every key's
 buckets; each LLM replica asks it once per generation request, before the engine sees the request, and gives
-the tokens back when the engine refused the request without generating. Only deployments with a rate limit
-configured have a bank, and only they pay the one handle call per request.
+the tokens back when the engine refused the request without generating. Applications with a rate limit or API
+keys have a bank (a key file line may carry the key's own `rpm=`/`tpm=`); only requests of a key with a
+limit (its own or the application's) pay the one handle call.
 
 A request HAProxy sends again after its replica died without answering (`router.retries`) carries the same
 `REQUEST_ID_HEADER`, which HAProxy sets on every request (overwriting any a client sent): the bank charges
@@ -46,14 +47,16 @@ class QuotaBank:
         self.max_ids = limits.max_keys
         self.charged: OrderedDict[str, list] = OrderedDict()  # key id + request id -> [stamp, free repeats left]
 
-    async def admit(self, key_id: str, tokens: int, request_id: Optional[str] = None
+    async def admit(self, key_id: str, tokens: int, request_id: Optional[str] = None,
+                    own: Optional[tuple[Optional[int], Optional[int]]] = None
                     ) -> tuple[Optional[Charge], Optional[tuple[str, int]]]:
-        """(charge, None) when admitted, (None, (message, retry_after_s)) when not."""
+        """(charge, None) when admitted, (None, (message, retry_after_s)) when not. `own`: the key's own
+        (rpm, tpm) from the key file, in place of the application's."""
         seen = f"{key_id}\x00{request_id}" if request_id else None
         if seen is not None and self._repeat(seen):
             return FREE, None
         try:
-            charge = self.limiter.admit(key_id, tokens)
+            charge = self.limiter.admit(key_id, tokens, own)
         except Refused as refusal:
             return None, (refusal.message, refusal.retry_after_s)
         if seen is not None and self.retries:
@@ -83,10 +86,11 @@ class Quota:
     def __init__(self, bank: DeploymentHandle, timeout_s: float):
         self.bank, self.timeout_s = bank, timeout_s
 
-    async def admit(self, key_id: str, tokens: int, request_id: Optional[str] = None) -> Optional[Charge]:
+    async def admit(self, key_id: str, tokens: int, request_id: Optional[str] = None,
+                    own: Optional[tuple[Optional[int], Optional[int]]] = None) -> Optional[Charge]:
         """The charge taken, None if the bank did not answer in time; raises Refused(429) over the limit."""
         try:
-            charge, refused = await asyncio.wait_for(self.bank.admit.remote(key_id, tokens, request_id),
+            charge, refused = await asyncio.wait_for(self.bank.admit.remote(key_id, tokens, request_id, own),
                                                      self.timeout_s)
         except Exception as exc:
             logger.warning("quota bank unavailable (%s); request admitted without a rate check", type(exc).__name__)

@@ -107,7 +107,9 @@ class LLMServer:
             self.load.adapter_slots = cfg.engine.lora.max_cpu_loras or cfg.engine.lora.max_loras
         if self.link is not None:
             self.link.start(self.load)
-        keys = ApiKeys(cfg.router.api_keys.read_entries()) if cfg.router.api_keys.enabled else None
+        tenants = cfg.router.tenants
+        keys = (ApiKeys(cfg.router.api_keys.read_entries(), tenants.tiers, tenants.default_tier)
+                if cfg.router.api_keys.enabled else None)
         obs = cfg.observability
         self.metrics = RequestMetrics(cfg.model.name, enabled=obs.request_metrics, key_labels=obs.key_labels,
                                       key_ids=keys.ids if keys else ())

@@ -84,14 +84,17 @@ def deploy(app, name: str, service, wait: bool = True) -> str:
 
 
 @contextmanager
-def keyed_app(app, name: str, keys: dict[str, str], keys_dir, **router):
-    """An app beside the session app with API keys on (`keys`: id -> key) and `router` settings; deleted
+def keyed_app(app, name: str, keys: dict[str, str], keys_dir, attributes: dict[str, str] = {},
+              sections: dict = {}, **router):
+    """An app beside the session app with API keys on (`keys`: id -> key; `attributes`: id -> the key file
+    line's tenant attributes) and `router` settings (`sections`: other config sections' updates); deleted
     after (if its test has not deleted it). Yields its URL and model name."""
     from ray import serve
 
     keys_file = keys_dir / "keys"
-    keys_file.write_text("".join(f"{kid}:{key}\n" for kid, key in keys.items()))
-    service = extra_app(app, name, router={**router, "api_keys": {"enabled": True, "file": str(keys_file)}})
+    keys_file.write_text("".join(f"{kid}:{key} {attributes.get(kid, '')}\n" for kid, key in keys.items()))
+    service = extra_app(app, name, router={**router, "api_keys": {"enabled": True, "file": str(keys_file)}},
+                        **sections)
     url = deploy(app, name, service)
     try:
         yield url, service.model.name

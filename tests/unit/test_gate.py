@@ -43,8 +43,12 @@ def vllm_like_app(started: list, cancelled: list, adapters: tuple = ()) -> FastA
                 cancelled.append(True)  # where vLLM aborts the request in the engine
                 raise
         if not body.get("stream"):
+            from mistral_ray.server.fairness import TICKET  # what the engine's generate would run with
+
+            ticket = TICKET.get()
             return {"choices": [{"text": "abc"}], "usage": {"prompt_tokens": 3, "total_tokens": 5,
-                                                             "completion_tokens": 2}}
+                                                             "completion_tokens": 2},
+                    "priority": ticket.priority if ticket else None}
 
         async def events():
             for i in range(3):
@@ -376,7 +380,7 @@ def test_full_replica_answers_503_with_retry_after():
 
 def test_quota_is_charged_only_for_admitted_requests_and_given_back_when_the_engine_refuses():
     bank = Bank(requests_per_minute=10, tokens_per_minute=10_000, max_keys=10)
-    s = asyncio.run(server(bank=bank))
+    s = asyncio.run(server(bank=bank, limits={"requests_per_minute": 10, "tokens_per_minute": 10_000}))
     body = {"prompt": "hi", "max_tokens": 10}
     s.load.max_ongoing = 0  # full: 503 before the bank is asked
     assert call(s, "POST", "/v1/completions", json=body).status_code == 503
@@ -384,7 +388,7 @@ def test_quota_is_charged_only_for_admitted_requests_and_given_back_when_the_eng
     assert bank.calls == []
     s.load.max_ongoing = 64
     assert call(s, "POST", "/v1/completions", json=body).status_code == 200
-    assert bank.calls == [("admit", "none", 10, None)] and bank.real.limiter.buckets["none"][0].level == 9
+    assert bank.calls == [("admit", "none", 10, None, None)] and bank.real.limiter.buckets["none"][0].level == 9
     # vLLM refuses it (its own 400) before generating: its tokens come back, not its request.
     r = call(s, "POST", "/v1/completions", json={**body, "vllm_error": True})
     assert r.status_code == 400 and bank.calls[-1] == ("refund", "none", (0.0, 10.0))
@@ -395,7 +399,7 @@ def test_quota_is_charged_only_for_admitted_requests_and_given_back_when_the_eng
 
 def test_rate_limit_answers_429_with_retry_after():
     bank = Bank(requests_per_minute=1, max_keys=10)
-    s = asyncio.run(server(bank=bank))
+    s = asyncio.run(server(bank=bank, limits={"requests_per_minute": 1}))
     assert call(s, "POST", "/v1/completions", json={"prompt": "hi"}).status_code == 200
     r = call(s, "POST", "/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
@@ -517,7 +521,7 @@ def test_the_capacity_bound_holds_while_a_slow_bank_answers():
     bank.delay_s = 0.1
 
     async def go():
-        s = await server(bank=bank)
+        s = await server(bank=bank, limits={"requests_per_minute": 1000})
         s.load.max_ongoing = 2
         transport = httpx.ASGITransport(app=s.gate())
         async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:

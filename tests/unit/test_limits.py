@@ -47,6 +47,24 @@ def test_rate_limiter_is_per_key_and_says_when_to_retry():
     rl.admit("a", 10)
 
 
+def test_a_keys_own_limits_replace_the_defaults_for_that_key_only():
+    clock = Clock()
+    rl = RateLimiter(requests_per_minute=2, tokens_per_minute=None, max_keys=10, now=clock)
+    for _ in range(5):
+        rl.admit("big", 10, own=(5, None))  # its key file line says rpm=5
+    assert refused(lambda: rl.admit("big", 10, own=(5, None))).retry_after_s == 12
+    rl.admit("small", 10), rl.admit("small", 10)
+    assert refused(lambda: rl.admit("small", 10)).retry_after_s == 30  # the default, 2/min
+    # a key with only its own tokens limit keeps the default requests limit beside it
+    rl.admit("tokens", 900, own=(None, 1000))
+    refusal = refused(lambda: rl.admit("tokens", 200, own=(None, 1000)))
+    assert "tokens per minute (limit 1000)" in refusal.message
+    unlimited = RateLimiter(None, None, max_keys=10, now=clock)
+    for _ in range(3):
+        unlimited.admit("own", 1, own=(3, None))
+    assert refused(lambda: unlimited.admit("own", 1, own=(3, None))).status == 429
+
+
 def test_token_limit_counts_prompt_and_requested_completion():
     clock = Clock()
     rl = RateLimiter(requests_per_minute=None, tokens_per_minute=600, max_keys=10, now=clock)

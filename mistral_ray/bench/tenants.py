@@ -1,0 +1,136 @@
+"""The noisy-neighbour bench: one replica, a key that floods it and a key with a modest steady load.
+
+`python -m mistral_ray.bench.tenants [--runs 3] [--seconds 40] [--out DIR]`: each run starts our stack (1
+replica of the tiny Mistral, deployments/local-cpu.yaml) twice, with `router.tenants.fair_share` off (`fifo`:
+first come, first served up to max_ongoing_requests) and on (`fair`), in alternating order. The key file holds
+`flood` and `steady` (one tier, weight 1). Per run, the replica's capacity C is measured first (req/s of a
+closed loop at concurrency 32, on the first target). Against each target, open-loop (Poisson) streamed
+completions of the random workload (128 prompt tokens, 64 completion tokens):
+
+- `B alone`: `steady` at B = max(0.5, C/10) req/s;
+- `A+B`: `flood` at 4 C req/s and `steady` at B, together.
+
+For each key and phase: requests sent, answered, refused (503), TTFT p50/p95 of the answered, and the phase's
+answered req/s (both keys). Prints a table and writes every row to DIR/tenants.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from mistral_ray.bench.load import Reply, _pct, drive, send, summarize
+from mistral_ray.bench.targets import Target, _ours, _wait
+from mistral_ray.bench.workloads import random_prompts, warmup_prompts
+from mistral_ray.config import STATE_DIR
+
+MODEL = "tiny-mistral"
+KEYS = {"flood": "sk-bench-flood-000000000001", "steady": "sk-bench-steady-00000000002"}
+
+
+def start(label: str, fair: bool, workdir: Path) -> Target:
+    def tenants(args: dict) -> None:
+        args["router"]["tenants"]["fair_share"] = fair
+
+    lines = "".join(f"{kid}:{key}\n" for kid, key in KEYS.items())
+    target = _ours(label, "pow2", 1, workdir, update=tenants, keys=lines)
+    try:
+        _wait(target, 600)
+    except BaseException:
+        target.stop()
+        raise
+    return target
+
+
+def headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[key]}"}
+
+
+async def open_loop(client: httpx.AsyncClient, base_url: str, key: str, rate: float, seconds: float,
+                    seed: int) -> list[Reply]:
+    """Poisson arrivals at `rate` req/s for `seconds`, each sent whatever came of the others."""
+    rng = random.Random(seed)
+    work = random_prompts(MODEL, max(1, int(rate * seconds * 1.5) + 10), 128, 64, 961, seed)
+    tasks, start, at = [], time.perf_counter(), 0.0
+    for call in work:
+        at += rng.expovariate(rate)
+        if at >= seconds:
+            break
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        tasks.append(asyncio.create_task(send(client, base_url, call, headers(key))))
+    return list(await asyncio.gather(*tasks))
+
+
+async def phase(base_url: str, rates: dict[str, float], seconds: float, seed: int) -> tuple[dict, float]:
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(open_loop(client, base_url, key, rate, seconds, seed + i)
+                                         for i, (key, rate) in enumerate(rates.items())))
+        return dict(zip(rates, replies)), time.perf_counter() - start
+
+
+def describe(key: str, replies: list[Reply]) -> dict:
+    ok = [r for r in replies if r.ok]
+    refused = sum(1 for r in replies if r.error.startswith("503"))
+    ttfts = [r.ttft for r in ok]
+    return {f"{key}_sent": len(replies), f"{key}_ok": len(ok), f"{key}_refused": refused,
+            f"{key}_other_errors": len(replies) - len(ok) - refused,
+            f"{key}_success": round(len(ok) / len(replies), 3) if replies else None,
+            f"{key}_ttft_ms_p50": round(1000 * _pct(ttfts, 0.5), 1), f"{key}_ttft_ms_p95": round(1000 * _pct(ttfts, 0.95), 1)}
+
+
+def capacity(target: Target) -> float:
+    work = random_prompts(MODEL, 96, 128, 64, 961, 7)
+    replies, duration = asyncio.run(drive(target.base_url, work, 32, headers=headers("steady"), progress=False))
+    return summarize(target.label, "random", 32, replies, duration).req_per_s
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=40)
+    p.add_argument("--out", default=str(STATE_DIR / "bench" / "tenants"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in range(args.runs):
+        order = (("fifo", False), ("fair", True)) if run % 2 == 0 else (("fair", True), ("fifo", False))
+        cap = None
+        for label, fair in order:
+            target = start(label, fair, out)
+            try:
+                asyncio.run(drive(target.base_url, warmup_prompts(MODEL, 4), 2, headers=headers("steady"),
+                                  progress=False))
+                cap = cap or capacity(target)
+                b_rate = round(max(0.5, cap / 10), 2)
+                for name, rates in (("B alone", {"steady": b_rate}), ("A+B", {"flood": 4 * cap, "steady": b_rate})):
+                    got, elapsed = asyncio.run(phase(target.base_url, rates, args.seconds, 1000 * run + 17))
+                    row = {"run": run + 1, "target": label, "phase": name, "capacity_req_s": round(cap, 2),
+                           "steady_rate": b_rate, "flood_rate": round(rates.get("flood", 0), 2),
+                           "total_ok_req_s": round(sum(sum(r.ok for r in v) for v in got.values()) / elapsed, 2)}
+                    for key, replies in got.items():
+                        row.update(describe(key, replies))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            finally:
+                target.stop()
+    (out / "tenants.json").write_text(json.dumps(rows, indent=2) + "\n")
+    cols = ("run", "target", "phase", "steady_ttft_ms_p50", "steady_ttft_ms_p95", "steady_success", "steady_refused",
+            "flood_ok", "flood_refused", "total_ok_req_s")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Weighted fair share between API keys on one replica: who is refused when it is nearly full, and in which
+order its engine runs what waits. Pure logic: no Ray, no I/O, no vLLM.
+
+The queue lives in the engine (vLLM's priority scheduling), not in front of it: a request is forwarded at
+once with a priority, so nothing waits in Python, no timer holds a first token and no process is added per
+token. Priority = tier band + start tag. The tag is start-time fair queueing's (Goyal et al., 1996) on the
+tokens a request asks for: a key's next request starts where its last one finished (`finish`) or at the
+replica's virtual clock, whichever is later, and finishes `tokens / weight` later; the clock is the start tag
+of the latest request the engine began answering. A key that floods runs far ahead of the clock and waits;
+a key that comes back after a pause starts at the clock (no credit saved up), ahead of a flood's backlog.
+
+Admission: up to `soft` requests anyone is admitted; from there to the bound (max_ongoing_requests, where
+everyone gets 503) only a key that is not the heaviest: in-flight requests per weight, a lower tier counted
+heavier than any higher one. The heaviest key is refused first, and a light key finds the reserve free.
+"""
+
+from __future__ import annotations
+
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from mistral_ray.server.auth import Tenant
+
+# Tiers are 10^15 tag units apart: a tag (tokens per weight) reaches that after ~300 years at 10^5 tokens/s.
+BAND = 10 ** 15
+
+
+@dataclass
+class Ticket:
+    """What the gate tells the engine about one request, and what the engine tells back (engine/ reads it)."""
+
+    priority: int = 0  # vLLM's: lower runs first
+    queued_s: Optional[float] = None  # set by the engine: queued -> first scheduled, by its own clock
+
+
+# Set by the gate around vLLM's app for each generation request; the engine's generate reads it.
+TICKET: ContextVar[Optional[Ticket]] = ContextVar("mistral_ray_ticket", default=None)
+
+
+class FairShare:
+    def __init__(self, capacity: int, reserve: float):
+        self.capacity = capacity
+        self.soft = capacity - max(1, math.ceil(capacity * reserve)) if reserve > 0 else capacity
+        self.clock = 0.0  # virtual time: the start tag of the latest request the engine began answering
+        self.finish: dict[str, float] = {}  # key id -> finish tag of its latest admitted request
+
+    def refuses(self, tenant: Tenant, holders: Iterable[Tenant]) -> bool:
+        """Is `tenant`'s next request refused, given the tenants of the requests the replica holds (one
+        entry per request)? Only from `soft` on, and only for the heaviest key."""
+        held: dict[str, int] = {}
+        tenants: dict[str, Tenant] = {}
+        total = 0
+        for holder in holders:
+            held[holder.key_id] = held.get(holder.key_id, 0) + 1
+            tenants[holder.key_id] = holder
+            total += 1
+        if total < self.soft:
+            return False
+        mine = _weight(tenant, held.get(tenant.key_id, 0) + 1)
+        return not any(_weight(other, held[key]) > mine for key, other in tenants.items() if key != tenant.key_id)
+
+    def tag(self, tenant: Tenant, tokens: float) -> float:
+        """The start tag of `tenant`'s next request, which asks for `tokens`; its finish tag is remembered."""
+        start = max(self.clock, self.finish.get(tenant.key_id, 0.0))
+        self.finish[tenant.key_id] = start + max(1.0, tokens) / tenant.weight
+        return start
+
+    def started(self, tag: float) -> None:
+        """The engine began answering a request of this start tag."""
+        self.clock = max(self.clock, tag)
+
+    @staticmethod
+    def priority(tenant: Tenant, tag: float) -> int:
+        return tenant.priority * BAND + min(int(tag), BAND - 1)
+
+
+def _weight(tenant: Tenant, requests: int) -> tuple[int, float]:
+    """How heavy a key holding `requests` is: its tier first (a lower tier is heavier), then per weight."""
+    return tenant.priority, requests / tenant.weight
