@@ -10,8 +10,10 @@ completions of the random workload (128 prompt tokens, 64 completion tokens):
 - `B alone`: `steady` at B = max(0.5, C/10) req/s;
 - `A+B`: `flood` at 4 C req/s and `steady` at B, together.
 
-For each key and phase: requests sent, answered, refused (503), TTFT p50/p95 of the answered, and the phase's
-answered req/s (both keys). Prints a table and writes every row to DIR/tenants.json.
+`steady` is sent by vLLM's own client (`vllm bench serve --request-rate`, its own process: its TTFT is not
+the flood client's event loop), `flood` by ours. For each key and phase: requests sent, answered, refused
+(ours: 503s counted; vLLM's: failed), TTFT p50/p95 of the answered, and the phase's answered req/s (both
+keys). Prints a table and writes every row to DIR/tenants.json.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from mistral_ray.bench import vllm_client
 from mistral_ray.bench.load import Reply, _pct, drive, send, summarize
-from mistral_ray.bench.targets import Target, _ours, _wait
+from mistral_ray.bench.targets import Target, _ours, _wait, bench_service
 from mistral_ray.bench.workloads import random_prompts, warmup_prompts
 from mistral_ray.config import STATE_DIR
 
@@ -68,13 +73,44 @@ async def open_loop(client: httpx.AsyncClient, base_url: str, key: str, rate: fl
     return list(await asyncio.gather(*tasks))
 
 
-async def phase(base_url: str, rates: dict[str, float], seconds: float, seed: int) -> tuple[dict, float]:
+async def flood(base_url: str, rate: float, seconds: float, seed: int) -> list[Reply]:
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        start = time.perf_counter()
-        replies = await asyncio.gather(*(open_loop(client, base_url, key, rate, seconds, seed + i)
-                                         for i, (key, rate) in enumerate(rates.items())))
-        return dict(zip(rates, replies)), time.perf_counter() - start
+        return await open_loop(client, base_url, "flood", rate, seconds, seed)
+
+
+def steady(target: Target, rate: float, seconds: float, seed: int, workdir: Path) -> subprocess.Popen:
+    """vLLM's client sending `steady`'s load: Poisson arrivals at `rate` for about `seconds`."""
+    out = workdir / f"{target.label}-steady-{seed}.json"
+    out.unlink(missing_ok=True)
+    keyed = Target(target.label, target.base_url, headers=headers("steady"))
+    n = max(2, int(rate * seconds))
+    opts = {"requests": n, "seed": seed, "input_len": 128, "output_len": 64}
+    # in flight at most half the requests (the command sends at least twice its concurrency)
+    cmd = vllm_client.command(keyed, MODEL, bench_service().model.resolved_source(), "random", n // 2, out, opts)
+    cmd += ["--request-rate", str(rate), "--save-detailed"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OPENAI_API_KEY": KEYS["steady"]}), out
+
+
+def phase(target: Target, rates: dict[str, float], seconds: float, seed: int, workdir: Path) -> tuple[dict, float]:
+    start = time.perf_counter()
+    proc, out = steady(target, rates["steady"], seconds, seed, workdir)
+    flooded = asyncio.run(flood(target.base_url, rates["flood"], seconds, seed)) if rates.get("flood") else None
+    log, _ = proc.communicate(timeout=seconds * 10 + 120)
+    elapsed = time.perf_counter() - start
+    report = json.loads(out.read_text()) if out.exists() else {"error": log[-600:]}
+    return {"steady": report, "flood": flooded}, elapsed
+
+
+def describe_vllm(key: str, report: dict) -> dict:
+    if "error" in report:
+        return {f"{key}_error": report["error"]}
+    done, failed = int(report.get("completed", 0)), int(report.get("failed", 0))
+    return {f"{key}_sent": done + failed, f"{key}_ok": done, f"{key}_refused": failed,
+            f"{key}_success": round(done / (done + failed), 3) if done + failed else None,
+            f"{key}_ttft_ms_p50": round(report.get("p50_ttft_ms", float("nan")), 1),
+            f"{key}_ttft_ms_p95": round(report.get("p95_ttft_ms", float("nan")), 1)}
 
 
 def describe(key: str, replies: list[Reply]) -> dict:
@@ -113,12 +149,14 @@ def main(argv=None) -> int:
                 cap = cap or capacity(target)
                 b_rate = round(max(0.5, cap / 10), 2)
                 for name, rates in (("B alone", {"steady": b_rate}), ("A+B", {"flood": 4 * cap, "steady": b_rate})):
-                    got, elapsed = asyncio.run(phase(target.base_url, rates, args.seconds, 1000 * run + 17))
+                    got, elapsed = phase(target, rates, args.seconds, 1000 * run + 17, out)
                     row = {"run": run + 1, "target": label, "phase": name, "capacity_req_s": round(cap, 2),
-                           "steady_rate": b_rate, "flood_rate": round(rates.get("flood", 0), 2),
-                           "total_ok_req_s": round(sum(sum(r.ok for r in v) for v in got.values()) / elapsed, 2)}
-                    for key, replies in got.items():
-                        row.update(describe(key, replies))
+                           "steady_rate": b_rate, "flood_rate": round(rates.get("flood", 0), 2)}
+                    row.update(describe_vllm("steady", got["steady"]))
+                    if got["flood"] is not None:
+                        row.update(describe("flood", got["flood"]))
+                    answered = row.get("steady_ok", 0) + row.get("flood_ok", 0)
+                    row["total_ok_req_s"] = round(answered / elapsed, 2)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             finally:

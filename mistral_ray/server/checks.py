@@ -140,6 +140,16 @@ class Checks:
                      if keys is not None and tenants.fair_share and len(keys.tenants) > 1 else None)
         self.priorities = cfg.engine.scheduling_policy == "priority"  # fcfs: vLLM takes priority 0 only
 
+    def _room(self, tenant: Tenant) -> None:
+        """503 when the replica holds max_ongoing_requests, or when it is nearly full and `tenant` holds the
+        largest share of it (fair share)."""
+        if len(self.load.sequences) >= self.load.max_ongoing:
+            raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
+                          reason="overload")
+        if self.fair is not None and self.fair.refuses(tenant, self.load.holders()):
+            raise Refused(503, "this replica is nearly full and your API key holds the largest share of it; "
+                          "retry later", code="overloaded", retry_after_s=1, reason="fair_share")
+
     def tenant(self, key_id: str) -> Tenant:
         return self.keys.tenants.get(key_id, self.anyone) if self.keys is not None else self.anyone
 
@@ -149,7 +159,7 @@ class Checks:
             return Ticket(0)
         if self.fair is None:
             return Ticket(tenant.priority * BAND)
-        seq.tag = self.fair.tag(tenant, tokens)
+        seq.tag = self.fair.tag(tenant, tokens, (s.tag for s in self.load.sequences if s.tag is not None))
         return Ticket(self.fair.priority(tenant, seq.tag))
 
     def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
@@ -230,6 +240,8 @@ class Checks:
         relays it (it may be migrated); `resumed`: the guard put a continuation in the body."""
         if method != "POST":
             return Admitted(route, key_id, b"")
+        if route.generation and not resumed:
+            self._room(self.tenant(key_id))  # shed before the body is read: a flood's refusals cost no parsing
         # A continuation's body is the client's plus the ids already made (at most ~7 bytes each).
         body = await self.read_body(receive, headers, 8 * self.context if resumed else 0)
         payload = parse(body)
@@ -259,9 +271,8 @@ class Checks:
         check_sizes(request, self.limits)
         cfg = self.cfg
         tenant = self.tenant(key_id)
-        if self.fair is not None and self.fair.refuses(tenant, self.load.holders()):
-            raise Refused(503, "this replica is nearly full and your API key holds the largest share of it; "
-                          "retry later", code="overloaded", retry_after_s=1, reason="fair_share")
+        if resume is None:
+            self._room(tenant)  # again: others may have come in while the body was read
         seq = self.load.reserve(request.prompt_tokens(cfg.router.routing.chars_per_token),
                                 request.n * max(1, request.prompts), tenant if self.keys is not None else None)
         if seq is None:

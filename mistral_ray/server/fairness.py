@@ -5,9 +5,12 @@ The queue lives in the engine (vLLM's priority scheduling), not in front of it: 
 once with a priority, so nothing waits in Python, no timer holds a first token and no process is added per
 token. Priority = tier band + start tag. The tag is start-time fair queueing's (Goyal et al., 1996) on the
 tokens a request asks for: a key's next request starts where its last one finished (`finish`) or at the
-replica's virtual clock, whichever is later, and finishes `tokens / weight` later; the clock is the start tag
-of the latest request the engine began answering. A key that floods runs far ahead of the clock and waits;
-a key that comes back after a pause starts at the clock (no credit saved up), ahead of a flood's backlog.
+replica's virtual clock, whichever is later, and finishes `tokens / weight` later. The clock is the smallest
+start tag among the requests the replica holds (none held: the largest finish tag, so no debt outlives an
+idle replica). A key that floods runs far ahead of the clock, and its newest requests carry the largest
+tags: they wait, and are what vLLM preempts first when the KV cache runs out (it preempts the largest
+priority). A key that comes back after a pause starts at the clock (no credit saved up): ahead of a flood's
+backlog, and behind nothing but the oldest request held.
 
 Admission: up to `soft` requests anyone is admitted; from there to the bound (max_ongoing_requests, where
 everyone gets 503) only a key that is not the heaviest: in-flight requests per weight, a lower tier counted
@@ -43,7 +46,7 @@ class FairShare:
     def __init__(self, capacity: int, reserve: float):
         self.capacity = capacity
         self.soft = capacity - max(1, math.ceil(capacity * reserve)) if reserve > 0 else capacity
-        self.clock = 0.0  # virtual time: the start tag of the latest request the engine began answering
+        self.clock = 0.0  # virtual time (never goes back)
         self.finish: dict[str, float] = {}  # key id -> finish tag of its latest admitted request
 
     def refuses(self, tenant: Tenant, holders: Iterable[Tenant]) -> bool:
@@ -61,15 +64,15 @@ class FairShare:
         mine = _weight(tenant, held.get(tenant.key_id, 0) + 1)
         return not any(_weight(other, held[key]) > mine for key, other in tenants.items() if key != tenant.key_id)
 
-    def tag(self, tenant: Tenant, tokens: float) -> float:
-        """The start tag of `tenant`'s next request, which asks for `tokens`; its finish tag is remembered."""
+    def tag(self, tenant: Tenant, tokens: float, held: Iterable[float] = ()) -> float:
+        """The start tag of `tenant`'s next request, which asks for `tokens`, given the start tags of the
+        requests the replica holds; its finish tag is remembered."""
+        oldest = min(held, default=None)
+        now = oldest if oldest is not None else max(self.finish.values(), default=0.0)
+        self.clock = max(self.clock, now)
         start = max(self.clock, self.finish.get(tenant.key_id, 0.0))
         self.finish[tenant.key_id] = start + max(1.0, tokens) / tenant.weight
         return start
-
-    def started(self, tag: float) -> None:
-        """The engine began answering a request of this start tag."""
-        self.clock = max(self.clock, tag)
 
     @staticmethod
     def priority(tenant: Tenant, tag: float) -> int:

@@ -329,9 +329,6 @@ class Exchange:
         self.first_byte.set_result(None)
         if self.seq is not None:
             self.seq.started = True
-            fair = self.gate.checks.fair
-            if fair is not None and self.seq.tag is not None:
-                fair.started(self.seq.tag)
         resume = self.request.resume
         if resume is not None:  # not a first token: the client's wait for the stream to go on
             waited = max(0.0, time.time() - resume.cut_ms / 1000) if resume.cut_ms else None

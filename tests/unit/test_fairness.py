@@ -50,14 +50,22 @@ def test_no_reserve_means_no_refusal_before_the_bound():
 def test_start_tags_interleave_keys_by_weight_and_save_no_credit():
     fair = FairShare(capacity=64, reserve=0.125)
     a, b, heavy = tenant("a"), tenant("b"), tenant("heavy", weight=2)
-    tags_a = [fair.tag(a, 100) for _ in range(4)]
-    assert tags_a == [0, 100, 200, 300]  # a flood runs ahead of the clock
-    assert fair.tag(b, 100) == 0  # a newcomer starts at the clock: ahead of a's backlog
-    assert [fair.tag(heavy, 100) for _ in range(3)] == [0, 50, 100]  # weight 2: twice the share
-    fair.started(200)  # the engine reached a's third
-    assert fair.tag(b, 100) == 200  # b's idle time saved it nothing: it starts at the clock
-    fair.started(100)  # the clock never goes back
-    assert fair.clock == 200
+    held: list[float] = []
+
+    def admit(who, tokens=100):
+        tag = fair.tag(who, tokens, held)
+        held.append(tag)
+        return tag
+
+    assert [admit(a) for _ in range(4)] == [0, 100, 200, 300]  # a flood runs ahead of the clock
+    assert admit(b) == 0  # a newcomer starts at the oldest request held: ahead of a's backlog
+    assert [admit(heavy) for _ in range(3)] == [0, 50, 100]  # weight 2: twice the share
+    held[:] = [200, 300]  # everything else finished; a's last two are held
+    assert admit(b) == 200  # b's idle time saved it nothing: it starts at the clock, level with a's oldest
+    assert admit(a) == 400
+    held.clear()  # an idle replica: nobody carries a debt into what comes next
+    assert admit(b) == admit(a) == 500 and admit(a) == 600
+    assert fair.clock == 500
 
 
 def test_priority_orders_tiers_first_then_tags():
