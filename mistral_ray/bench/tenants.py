@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -40,9 +41,11 @@ MODEL = "tiny-mistral"
 KEYS = {"flood": "sk-bench-flood-000000000001", "steady": "sk-bench-steady-00000000002"}
 
 
-def start(label: str, fair: bool, workdir: Path) -> Target:
+def start(label: str, fair: bool, workdir: Path, reserve: Optional[float] = None) -> Target:
     def tenants(args: dict) -> None:
         args["router"]["tenants"]["fair_share"] = fair
+        if reserve is not None:
+            args["router"]["tenants"]["reserve"] = reserve
 
     lines = "".join(f"{kid}:{key}\n" for kid, key in KEYS.items())
     target = _ours(label, "pow2", 1, workdir, update=tenants, keys=lines)
@@ -133,16 +136,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seconds", type=float, default=40)
+    p.add_argument("--reserves", default="", help="also fair share with these router.tenants.reserve values "
+                   "(comma-separated; `fair` is the default's)")
     p.add_argument("--out", default=str(STATE_DIR / "bench" / "tenants"))
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    targets = [("fifo", False, None), ("fair", True, None)]
+    targets += [(f"fair reserve={r}", True, float(r)) for r in args.reserves.split(",") if r]
     for run in range(args.runs):
-        order = (("fifo", False), ("fair", True)) if run % 2 == 0 else (("fair", True), ("fifo", False))
+        order = targets if run % 2 == 0 else targets[::-1]
         cap = None
-        for label, fair in order:
-            target = start(label, fair, out)
+        for label, fair, reserve in order:
+            target = start(label.replace(" ", "-"), fair, out, reserve)
+            target.label = label
             try:
                 asyncio.run(drive(target.base_url, warmup_prompts(MODEL, 4), 2, headers=headers("steady"),
                                   progress=False))

@@ -79,6 +79,20 @@ def test_near_the_bound_the_heaviest_key_gets_503_and_a_light_key_gets_in(tmp_pa
     assert [c[2] for c in s.metrics.calls if c[0] == "reject"] == ["fair_share", "overload"]
 
 
+def test_per_tier_metrics_count_admissions_refusals_and_waits(tmp_path):
+    s = tenants_server(tmp_path, scaling={"max_ongoing_requests": 8})
+    seen = []
+    s.metrics.tier = lambda tier, outcome: seen.append((tier, outcome))
+    s.metrics.tier_waited = lambda tier, queued, ttft: seen.append((tier, "waited", ttft is not None))
+    assert post(s, "hi").status_code == 200 and post(s, "lo", stream=True).status_code == 200
+    a = s.checks.tenant("a")
+    for _ in range(7):
+        s.load.sequences.add(Sequence(10, 1, a))
+    assert post(s, "a").status_code == 503
+    assert seen == [("interactive", "admitted"), ("interactive", "waited", False),  # unary: no TTFT
+                    ("batch", "admitted"), ("batch", "waited", True), ("standard", "fair_share")]
+
+
 def test_a_keys_own_rate_limit_holds_and_other_keys_do_not_ask_the_bank(tmp_path):
     bank = Bank(max_keys=10)  # the application sets no limit: only `capped` has one (rpm=1)
     s = tenants_server(tmp_path, bank=bank)
