@@ -35,8 +35,9 @@ def _number(key_id: str, name: str, text: str, kind):
         value = kind(text)
     except ValueError:
         value = None
-    if value is None or not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"API key {key_id!r}: {name} must be a positive number (got {text!r})")
+    low, high = (0.001, 1000.0) if kind is float else (1, 10 ** 12)
+    if value is None or not low <= value <= high:
+        raise ValueError(f"API key {key_id!r}: {name} must be a number from {low:g} to {high:g} (got {text[:20]!r})")
     return value
 
 
@@ -45,9 +46,12 @@ def tenant_of(key_id: str, attributes: list[str], tiers: Mapping[str, int], defa
     seen: dict[str, str] = {}
     for attribute in attributes:
         name, sep, value = attribute.partition("=")
-        if not sep or name not in ("tier", "weight", "rpm", "tpm") or name in seen:
-            raise ValueError(f"API key {key_id!r}: {attribute.split('=')[0]!r} is not an attribute (tier=, weight=, "
-                             "rpm=, tpm=, each once)")
+        if not sep:  # maybe part of a key with a space in it: never shown
+            raise ValueError(f"API key {key_id!r}: after the key only `name=value` attributes may follow (the "
+                             "rest of the line is not shown)")
+        if name not in ("tier", "weight", "rpm", "tpm") or name in seen:
+            raise ValueError(f"API key {key_id!r}: {name[:20]!r} is not an attribute (tier=, weight=, rpm=, tpm=, "
+                             "each once)")
         seen[name] = value
     tier = seen.get("tier", default_tier)
     if tier not in tiers:
@@ -84,11 +88,6 @@ class ApiKeys:
     def ids(self) -> tuple[str, ...]:
         """The key ids, in the key file's order (no keys)."""
         return tuple(self.tenants)
-
-    @property
-    def rate_limited(self) -> bool:
-        """Does any key carry its own rate limits?"""
-        return any(t.limited for t in self.tenants.values())
 
     def identify(self, authorization: Optional[str]) -> Optional[str]:
         """The key id for an `Authorization: Bearer <key>` header, or None. Every stored digest is

@@ -49,6 +49,8 @@ class Admitted:
     resume: Optional[Resume] = None  # a continuation (or the guard's report) of a stream cut elsewhere
     tenant: Optional[Tenant] = None  # whose key sent it (keys on), or the default tier's
     ticket: Optional[Ticket] = None  # what the engine is told (generation routes): its priority
+    tokens: int = 0  # the tokens it asked for (prompt estimate + completion budget): its fair-share charge
+    used: Optional[int] = None  # the tokens it used (prompt + completion, from the engine's usage)
 
     def __post_init__(self):
         self.received = self.received or self.body
@@ -153,14 +155,18 @@ class Checks:
     def tenant(self, key_id: str) -> Tenant:
         return self.keys.tenants.get(key_id, self.anyone) if self.keys is not None else self.anyone
 
-    def _ticket(self, tenant: Tenant, seq: Sequence, tokens: int) -> Ticket:
-        """The engine's priority for a request: its tier's band, and its place in the fair order."""
+    def _ticket(self, tenant: Tenant, seq: Sequence, tokens: int, continuation: bool = False) -> Ticket:
+        """The engine's priority for a request: its tier's band, and its place in the fair order (a
+        continuation goes on at the clock, charged nothing more: it was charged where it began)."""
         if not self.priorities or self.keys is None:
             return Ticket(0)
         if self.fair is None:
             return Ticket(tenant.priority * BAND)
-        seq.tag = self.fair.tag(tenant, tokens, (s.tag for s in self.load.sequences if s.tag is not None))
-        return Ticket(self.fair.priority(tenant, seq.tag))
+        held = ((s.tag, s.ticket is not None and s.ticket.queued_s is not None)
+                for s in self.load.sequences if s.tag is not None)
+        seq.tag = self.fair.now(held) if continuation else self.fair.tag(tenant, tokens, held)
+        seq.ticket = Ticket(self.fair.priority(tenant, seq.tag))
+        return seq.ticket
 
     def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
         """The caller's key id ("none" with keys off or on a probe)."""
@@ -241,7 +247,11 @@ class Checks:
         if method != "POST":
             return Admitted(route, key_id, b"")
         if route.generation and not resumed:
-            self._room(self.tenant(key_id))  # shed before the body is read: a flood's refusals cost no parsing
+            try:
+                self._room(self.tenant(key_id))  # shed before the body is parsed: a flood's refusals cost little
+            except Refused:
+                await self.read_body(receive, headers)  # read, not parsed: the connection stays usable
+                raise
         # A continuation's body is the client's plus the ids already made (at most ~7 bytes each).
         body = await self.read_body(receive, headers, 8 * self.context if resumed else 0)
         payload = parse(body)
@@ -278,21 +288,22 @@ class Checks:
         if seq is None:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
-        tokens = requested_tokens(request, cfg.router.routing.chars_per_token, self.limits.max_tokens, self.context)
-        admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model, migrate=migrate,
-                            resume=resume, received=received, tenant=tenant)
-        try:
+        try:  # from here the slot is held: whatever fails gives it back
+            tokens = requested_tokens(request, cfg.router.routing.chars_per_token, self.limits.max_tokens,
+                                      self.context)
+            admitted = Admitted(route, key_id, body, stream=request.stream, seq=seq, model=model, migrate=migrate,
+                                resume=resume, received=received, tenant=tenant, tokens=tokens)
             # The slot is held while the bank answers: arrivals meanwhile see it. A continuation was charged
             # where the stream began; a key without limits (its own or the app's) is not asked about.
             if self.quota is not None and resume is None and (self.limits.rate_limited or tenant.limited):
                 admitted.charge = await self.quota.admit(key_id, tokens, request_id, tenant.limited)
+            admitted.ticket = self._ticket(tenant, seq, tokens, resume is not None)  # its place in the fair order
+            if request.stream and route.label in USAGE_OPTION and not request.include_usage:
+                # vLLM's final usage chunk is how the replica counts a stream's tokens; the client never sees it.
+                options = payload.get("stream_options")
+                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                admitted.body, admitted.hide_usage = json.dumps(payload).encode(), True
         except BaseException:
             self.load.remove(seq)
             raise
-        admitted.ticket = self._ticket(tenant, seq, tokens)  # admitted: its place in the fair order is taken
-        if request.stream and route.label in USAGE_OPTION and not request.include_usage:
-            # vLLM's final usage chunk is how the replica counts a stream's tokens; the client never sees it.
-            options = payload.get("stream_options")
-            payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            admitted.body, admitted.hide_usage = json.dumps(payload).encode(), True
         return admitted

@@ -5,12 +5,12 @@ The queue lives in the engine (vLLM's priority scheduling), not in front of it: 
 once with a priority, so nothing waits in Python, no timer holds a first token and no process is added per
 token. Priority = tier band + start tag. The tag is start-time fair queueing's (Goyal et al., 1996) on the
 tokens a request asks for: a key's next request starts where its last one finished (`finish`) or at the
-replica's virtual clock, whichever is later, and finishes `tokens / weight` later. The clock is the smallest
-start tag among the requests the replica holds (none held: the largest finish tag, so no debt outlives an
-idle replica). A key that floods runs far ahead of the clock, and its newest requests carry the largest
-tags: they wait, and are what vLLM preempts first when the KV cache runs out (it preempts the largest
-priority). A key that comes back after a pause starts at the clock (no credit saved up): ahead of a flood's
-backlog, and behind nothing but the oldest request held.
+replica's virtual clock, whichever is later, and finishes `tokens / weight` later (what a request did not use
+comes back when it ends). The clock is the smallest start tag still waiting in the engine, else the largest
+that runs (none held: the largest finish tag, so no debt outlives an idle replica). A key that floods runs
+far ahead of the clock, and its newest requests carry the largest tags: they wait, and are what vLLM preempts
+first when the KV cache runs out (it preempts the largest priority). A key that comes back after a pause
+starts at the clock (no credit saved up): level with the oldest waiting request, ahead of a flood's backlog.
 
 Admission: up to `soft` requests anyone is admitted; from there to the bound (max_ongoing_requests, where
 everyone gets 503) only a key that is not the heaviest: in-flight requests per weight, a lower tier counted
@@ -45,7 +45,8 @@ TICKET: ContextVar[Optional[Ticket]] = ContextVar("mistral_ray_ticket", default=
 class FairShare:
     def __init__(self, capacity: int, reserve: float):
         self.capacity = capacity
-        self.soft = capacity - max(1, math.ceil(capacity * reserve)) if reserve > 0 else capacity
+        # at least one request is always admitted: a reserve as large as the replica leaves it one
+        self.soft = max(1, capacity - max(1, math.ceil(capacity * reserve))) if reserve > 0 else capacity
         self.clock = 0.0  # virtual time (never goes back)
         self.finish: dict[str, float] = {}  # key id -> finish tag of its latest admitted request
 
@@ -64,19 +65,37 @@ class FairShare:
         mine = _weight(tenant, held.get(tenant.key_id, 0) + 1)
         return not any(_weight(other, held[key]) > mine for key, other in tenants.items() if key != tenant.key_id)
 
-    def tag(self, tenant: Tenant, tokens: float, held: Iterable[float] = ()) -> float:
-        """The start tag of `tenant`'s next request, which asks for `tokens`, given the start tags of the
-        requests the replica holds; its finish tag is remembered."""
-        oldest = min(held, default=None)
-        now = oldest if oldest is not None else max(self.finish.values(), default=0.0)
+    def now(self, held: Iterable[tuple[float, bool]] = ()) -> float:
+        """The virtual clock, given the (start tag, scheduled by the engine) of the requests the replica
+        holds: the smallest tag still waiting, else the largest that runs, else (an idle replica) the largest
+        finish tag. It never goes back."""
+        waiting, running = None, None
+        for tag, scheduled in held:
+            if scheduled:
+                running = tag if running is None else max(running, tag)
+            else:
+                waiting = tag if waiting is None else min(waiting, tag)
+        now = waiting if waiting is not None else running
+        if now is None:
+            now = max(self.finish.values(), default=0.0)
         self.clock = max(self.clock, now)
-        start = max(self.clock, self.finish.get(tenant.key_id, 0.0))
+        return self.clock
+
+    def tag(self, tenant: Tenant, tokens: float, held: Iterable[tuple[float, bool]] = ()) -> float:
+        """The start tag of `tenant`'s next request, which asks for `tokens`; its finish tag is remembered."""
+        start = max(self.now(held), self.finish.get(tenant.key_id, 0.0))
         self.finish[tenant.key_id] = start + max(1.0, tokens) / tenant.weight
         return start
 
+    def unused(self, tenant: Tenant, tokens: float) -> None:
+        """A request of `tenant` ended having used `tokens` fewer than it was tagged for (an answer shorter
+        than its budget): its key's finish tag comes back by as much, not behind the clock."""
+        if tokens > 0 and tenant.key_id in self.finish:
+            self.finish[tenant.key_id] = max(self.clock, self.finish[tenant.key_id] - tokens / tenant.weight)
+
     @staticmethod
     def priority(tenant: Tenant, tag: float) -> int:
-        return tenant.priority * BAND + min(int(tag), BAND - 1)
+        return tenant.priority * BAND + int(min(max(tag, 0.0), BAND - 1))
 
 
 def _weight(tenant: Tenant, requests: int) -> tuple[int, float]:

@@ -160,7 +160,7 @@ class Gate:
             status = refusal.status
             if status != 499:  # 499: the client left while sending its body, nobody to answer
                 self.metrics.reject(route.label, refusal.reason)
-                if refusal.reason in ("fair_share", "overload", "rate_limit") and key_id != "unknown":
+                if refusal.reason in ("fair_share", "overload", "rate_limit") and key_id != "unknown" and not resumed:
                     self.metrics.tier(self.checks.tenant(key_id).tier, refusal.reason)
                 if status == 401:
                     logger.info("refused %s %s: missing or unknown API key", scope["method"], scope["path"])
@@ -183,6 +183,9 @@ class Gate:
             if request is not None:
                 if request.seq is not None:
                     self.load.remove(request.seq)
+                    fair = self.checks.fair
+                    if fair is not None and request.seq.tag is not None and request.used is not None:
+                        fair.unused(request.tenant, request.tokens - request.used)
                 if request.charge and request.charge[1] and 400 <= status < 500 and status != 499:
                     # The engine refused it (prompt beyond the limit or the context): no tokens were made,
                     # but it was a request (it cost a render), so only its tokens come back.
@@ -345,6 +348,7 @@ class Exchange:
         usage = usage_of(body)
         if usage is not None:
             self.gate.metrics.count_tokens(self.request.route.label, *usage, model=self.request.model)
+            self.request.used = sum(usage)
         if self.predicted is not None:
             cached = cached_of(body)
             if cached is not None:

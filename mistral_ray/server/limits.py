@@ -63,13 +63,16 @@ class RateLimiter:
 
     def _buckets(self, key_id: str, rpm: Optional[int], tpm: Optional[int]):
         held = self.buckets.get(key_id)
-        if held is None or tuple(b.capacity if b else None for b in held) != (rpm, tpm):
+        if held is None:
             while len(self.buckets) >= self.max_keys:  # bounded memory even with many distinct keys
                 self.buckets.popitem(last=False)
-            self.buckets[key_id] = (TokenBucket(rpm, self.now) if rpm else None,
-                                    TokenBucket(tpm, self.now) if tpm else None)
+            held = (None, None)
+        if tuple(b.capacity if b else None for b in held) != (rpm, tpm):
+            # the key's limits changed (a key file rolled out): what it used stays used
+            held = tuple(_resized(b, limit, self.now) for b, limit in zip(held, (rpm, tpm)))
+            self.buckets[key_id] = held
         self.buckets.move_to_end(key_id)
-        return self.buckets[key_id]
+        return held
 
     def admit(self, key_id: str, tokens: int, own: Optional[tuple[Optional[int], Optional[int]]] = None
               ) -> tuple[float, float]:
@@ -98,6 +101,16 @@ class RateLimiter:
             for bucket, amount in zip(self.buckets.get(key_id, ()), charge):
                 if bucket is not None and amount:
                     bucket.give_back(amount)
+
+
+def _resized(bucket: Optional[TokenBucket], per_minute: Optional[int], now) -> Optional[TokenBucket]:
+    if not per_minute:
+        return None
+    fresh = TokenBucket(per_minute, now)
+    if bucket is not None:
+        bucket.wait_s(0)  # refill to now
+        fresh.level = max(0.0, fresh.capacity - (bucket.capacity - bucket.level))
+    return fresh
 
 
 def check_sizes(request: Generation, limits: LimitsConfig) -> None:

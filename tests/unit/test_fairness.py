@@ -50,22 +50,42 @@ def test_no_reserve_means_no_refusal_before_the_bound():
 def test_start_tags_interleave_keys_by_weight_and_save_no_credit():
     fair = FairShare(capacity=64, reserve=0.125)
     a, b, heavy = tenant("a"), tenant("b"), tenant("heavy", weight=2)
-    held: list[float] = []
+    held: list[list] = []  # [start tag, scheduled by the engine] of each request the replica holds
 
     def admit(who, tokens=100):
-        tag = fair.tag(who, tokens, held)
-        held.append(tag)
+        tag = fair.tag(who, tokens, [tuple(h) for h in held])
+        held.append([tag, False])
         return tag
 
     assert [admit(a) for _ in range(4)] == [0, 100, 200, 300]  # a flood runs ahead of the clock
-    assert admit(b) == 0  # a newcomer starts at the oldest request held: ahead of a's backlog
+    assert admit(b) == 0  # a newcomer starts at the oldest waiting request: ahead of a's backlog
     assert [admit(heavy) for _ in range(3)] == [0, 50, 100]  # weight 2: twice the share
-    held[:] = [200, 300]  # everything else finished; a's last two are held
-    assert admit(b) == 200  # b's idle time saved it nothing: it starts at the clock, level with a's oldest
-    assert admit(a) == 400
+    held[:] = [[200, True], [300, False]]  # a's third runs, its fourth waits; the others finished
+    assert admit(b) == 300  # b's idle time saved it nothing: it starts level with the oldest waiting
+    held[:] = [[300, True], [400, True]]  # nothing waits: the clock is the newest running
+    assert admit(a) == 400 and fair.clock == 400
     held.clear()  # an idle replica: nobody carries a debt into what comes next
     assert admit(b) == admit(a) == 500 and admit(a) == 600
     assert fair.clock == 500
+
+
+def test_what_a_request_did_not_use_comes_back_but_not_behind_the_clock():
+    fair = FairShare(capacity=64, reserve=0.125)
+    a = tenant("a")
+    assert fair.tag(a, 2000) == 0 and fair.finish["a"] == 2000  # no max_tokens: charged the whole context
+    fair.unused(a, 1900)  # it used 100
+    assert fair.finish["a"] == 100
+    fair.tag(tenant("b"), 10, [(500.0, True)])  # the clock moves on to 500
+    fair.unused(a, 1000)
+    assert fair.finish["a"] == 500
+
+
+def test_a_reserve_as_large_as_the_replica_still_admits_one():
+    a, b = tenant("a"), tenant("b")
+    for capacity, reserve in ((1, 0.125), (8, 0.9)):
+        fair = FairShare(capacity, reserve)
+        assert fair.soft == 1 and not fair.refuses(a, []) and fair.refuses(a, [a])
+    assert not FairShare(8, 0.9).refuses(b, [a, a])
 
 
 def test_priority_orders_tiers_first_then_tags():
@@ -83,17 +103,24 @@ def test_key_file_attributes():
     assert keys.identify("Bearer sk-a2") == "a" and keys.identify("Bearer sk-a") == "a"
     assert keys.identify("Bearer sk-a tier=interactive") is None  # the attributes are not the key
     assert keys.tenants["a"].limited == (60, 1000) and keys.tenants["b"].limited is None
-    assert keys.rate_limited and keys.ids == ("a", "b")
+    assert keys.ids == ("a", "b")
 
 
 @pytest.mark.parametrize("attributes, message", [
     (["tier=gold"], "tier 'gold'"), (["weight=0"], "weight"), (["weight=-1"], "weight"), (["weight=nan"], "weight"),
-    (["rpm=1.5"], "rpm"), (["colour=red"], "'colour'"), (["tier=batch", "tier=batch"], "'tier'"), (["weight"], "'weight'"),
+    (["weight=1e-320"], "weight"), (["weight=inf"], "weight"), (["rpm=1.5"], "rpm"), (["colour=red"], "'colour'"),
+    (["tier=batch", "tier=batch"], "'tier'"), (["weight"], "name=value"),
 ])
 def test_bad_attributes_name_the_key_id_not_the_key(attributes, message):
     with pytest.raises(ValueError) as err:
         tenant_of("team-x", attributes, TIERS, "standard")
     assert "team-x" in str(err.value) and message in str(err.value)
+
+
+def test_a_space_in_a_key_is_refused_without_showing_the_rest():
+    with pytest.raises(ValueError) as err:
+        ApiKeys(["a:sk-abc sk-def"], TIERS, "standard")
+    assert "sk-def" not in str(err.value) and "not shown" in str(err.value)
 
 
 def test_a_key_id_on_two_lines_must_say_the_same():

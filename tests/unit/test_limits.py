@@ -59,6 +59,11 @@ def test_a_keys_own_limits_replace_the_defaults_for_that_key_only():
     rl.admit("tokens", 900, own=(None, 1000))
     refusal = refused(lambda: rl.admit("tokens", 200, own=(None, 1000)))
     assert "tokens per minute (limit 1000)" in refusal.message
+    # the key file rolled out with a higher limit: what it used stays used (no fresh bucket to bypass it)
+    rl.admit("small", 10, own=(4, None))
+    rl.admit("small", 10, own=(4, None))
+    assert refused(lambda: rl.admit("small", 10, own=(4, None))).status == 429
+    assert refused(lambda: rl.admit("small", 10)).status == 429  # and back: no fresh bucket either way
     unlimited = RateLimiter(None, None, max_keys=10, now=clock)
     for _ in range(3):
         unlimited.admit("own", 1, own=(3, None))

@@ -102,3 +102,15 @@ def test_a_keys_own_rate_limit_holds_and_other_keys_do_not_ask_the_bank(tmp_path
     for _ in range(3):
         assert post(s, "a").status_code == 200
     assert [c[1] for c in bank.calls if c[0] == "admit"] == ["capped", "capped"]
+
+
+def test_a_continuation_goes_on_at_the_clock_and_is_not_charged_again(tmp_path):
+    s = tenants_server(tmp_path)
+    a = s.checks.tenant("a")
+    for _ in range(3):
+        assert post(s, "a").status_code == 200
+    before = dict(s.checks.fair.finish)
+    seq = Sequence(10, 1, a)
+    ticket = s.checks._ticket(a, seq, 500, continuation=True)
+    assert s.checks.fair.finish == before  # a migrated stream was charged where it began
+    assert seq.tag == s.checks.fair.clock <= before["a"] and ticket.priority == BAND + int(seq.tag)
