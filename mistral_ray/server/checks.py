@@ -162,11 +162,9 @@ class Checks:
             return Ticket(0)
         if self.fair is None:
             return Ticket(tenant.priority * BAND)
-        held = ((s.tag, s.ticket is not None and s.ticket.queued_s is not None)
-                for s in self.load.sequences if s.tag is not None)
+        held = (s.tag for s in self.load.sequences if s.tag is not None)
         seq.tag = self.fair.now(held) if continuation else self.fair.tag(tenant, tokens, held)
-        seq.ticket = Ticket(self.fair.priority(tenant, seq.tag))
-        return seq.ticket
+        return Ticket(self.fair.priority(tenant, seq.tag))
 
     def authenticate(self, route: Route, headers: dict[bytes, bytes]) -> str:
         """The caller's key id ("none" with keys off or on a probe)."""

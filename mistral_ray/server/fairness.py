@@ -6,11 +6,11 @@ once with a priority, so nothing waits in Python, no timer holds a first token a
 token. Priority = tier band + start tag. The tag is start-time fair queueing's (Goyal et al., 1996) on the
 tokens a request asks for: a key's next request starts where its last one finished (`finish`) or at the
 replica's virtual clock, whichever is later, and finishes `tokens / weight` later (what a request did not use
-comes back when it ends). The clock is the smallest start tag still waiting in the engine, else the largest
-that runs (none held: the largest finish tag, so no debt outlives an idle replica). A key that floods runs
-far ahead of the clock, and its newest requests carry the largest tags: they wait, and are what vLLM preempts
-first when the KV cache runs out (it preempts the largest priority). A key that comes back after a pause
-starts at the clock (no credit saved up): level with the oldest waiting request, ahead of a flood's backlog.
+comes back when it ends). The clock is the smallest start tag among the requests the replica holds (none
+held: the largest finish tag, so no debt outlives an idle replica). A key that floods runs far ahead of the
+clock, and its newest requests carry the largest tags: they wait, and are what vLLM preempts first (it
+preempts the largest priority). A key that comes back after a pause starts at the clock (no credit saved
+up beyond the oldest request held): ahead of a flood's backlog.
 
 Admission: up to `soft` requests anyone is admitted; from there to the bound (max_ongoing_requests, where
 everyone gets 503) only a key that is not the heaviest: in-flight requests per weight, a lower tier counted
@@ -65,23 +65,18 @@ class FairShare:
         mine = _weight(tenant, held.get(tenant.key_id, 0) + 1)
         return not any(_weight(other, held[key]) > mine for key, other in tenants.items() if key != tenant.key_id)
 
-    def now(self, held: Iterable[tuple[float, bool]] = ()) -> float:
-        """The virtual clock, given the (start tag, scheduled by the engine) of the requests the replica
-        holds: the smallest tag still waiting, else the largest that runs, else (an idle replica) the largest
-        finish tag. It never goes back."""
-        waiting, running = None, None
-        for tag, scheduled in held:
-            if scheduled:
-                running = tag if running is None else max(running, tag)
-            else:
-                waiting = tag if waiting is None else min(waiting, tag)
-        now = waiting if waiting is not None else running
+    def now(self, held: Iterable[float] = ()) -> float:
+        """The virtual clock, given the start tags of the requests the replica holds: the smallest (none
+        held: the largest finish tag). It never goes back. Not the newest running tag (start-time fair
+        queueing's "in service" on one server): with one, a light key's request tied the flood's newest, the
+        ones vLLM preempts first, and waited seconds (docs/benchmarks.md, "Noisy neighbours")."""
+        now = min(held, default=None)
         if now is None:
             now = max(self.finish.values(), default=0.0)
         self.clock = max(self.clock, now)
         return self.clock
 
-    def tag(self, tenant: Tenant, tokens: float, held: Iterable[tuple[float, bool]] = ()) -> float:
+    def tag(self, tenant: Tenant, tokens: float, held: Iterable[float] = ()) -> float:
         """The start tag of `tenant`'s next request, which asks for `tokens`; its finish tag is remembered."""
         start = max(self.now(held), self.finish.get(tenant.key_id, 0.0))
         self.finish[tenant.key_id] = start + max(1.0, tokens) / tenant.weight

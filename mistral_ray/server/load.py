@@ -27,14 +27,13 @@ _PICKER_CHARS = 64
 class Sequence:
     """One admitted request: `width` sequences in the engine (n x prompts) of about `tokens` each."""
 
-    __slots__ = ("tokens", "width", "started", "adapter", "tenant", "tag", "ticket")
+    __slots__ = ("tokens", "width", "started", "adapter", "tenant", "tag")
 
     def __init__(self, tokens: float, width: int = 1, tenant: Optional[Tenant] = None):
         self.tokens, self.width, self.started = tokens, max(1, width), False
         self.adapter: Optional[str] = None  # the LoRA adapter it runs on (None: the base model)
         self.tenant = tenant  # whose key sent it (fair share; None: keys off)
         self.tag: Optional[float] = None  # its start tag in the fair order (server/fairness.py)
-        self.ticket = None  # what its engine request was told (fairness.Ticket): scheduled once queued_s is set
 
     def grow(self) -> None:
         """One streamed chunk: a token of one of its `width` sequences."""

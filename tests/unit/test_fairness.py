@@ -50,20 +50,19 @@ def test_no_reserve_means_no_refusal_before_the_bound():
 def test_start_tags_interleave_keys_by_weight_and_save_no_credit():
     fair = FairShare(capacity=64, reserve=0.125)
     a, b, heavy = tenant("a"), tenant("b"), tenant("heavy", weight=2)
-    held: list[list] = []  # [start tag, scheduled by the engine] of each request the replica holds
+    held: list[float] = []  # the start tags of the requests the replica holds
 
     def admit(who, tokens=100):
-        tag = fair.tag(who, tokens, [tuple(h) for h in held])
-        held.append([tag, False])
+        tag = fair.tag(who, tokens, held)
+        held.append(tag)
         return tag
 
     assert [admit(a) for _ in range(4)] == [0, 100, 200, 300]  # a flood runs ahead of the clock
-    assert admit(b) == 0  # a newcomer starts at the oldest waiting request: ahead of a's backlog
+    assert admit(b) == 0  # a newcomer starts at the oldest request held: ahead of a's backlog
     assert [admit(heavy) for _ in range(3)] == [0, 50, 100]  # weight 2: twice the share
-    held[:] = [[200, True], [300, False]]  # a's third runs, its fourth waits; the others finished
-    assert admit(b) == 300  # b's idle time saved it nothing: it starts level with the oldest waiting
-    held[:] = [[300, True], [400, True]]  # nothing waits: the clock is the newest running
-    assert admit(a) == 400 and fair.clock == 400
+    held[:] = [200, 300]  # everything else finished; a's last two are held
+    assert admit(b) == 200  # b's idle time saved it nothing: it starts at the clock, level with a's oldest
+    assert admit(a) == 400
     held.clear()  # an idle replica: nobody carries a debt into what comes next
     assert admit(b) == admit(a) == 500 and admit(a) == 600
     assert fair.clock == 500
@@ -75,7 +74,7 @@ def test_what_a_request_did_not_use_comes_back_but_not_behind_the_clock():
     assert fair.tag(a, 2000) == 0 and fair.finish["a"] == 2000  # no max_tokens: charged the whole context
     fair.unused(a, 1900)  # it used 100
     assert fair.finish["a"] == 100
-    fair.tag(tenant("b"), 10, [(500.0, True)])  # the clock moves on to 500
+    fair.tag(tenant("b"), 10, [500.0])  # the clock moves on to 500
     fair.unused(a, 1000)
     assert fair.finish["a"] == 500
 
