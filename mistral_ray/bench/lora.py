@@ -28,6 +28,7 @@ from pathlib import Path
 
 from mistral_ray.bench import vllm_client
 from mistral_ray.bench.load import drive, summarize
+from mistral_ray.bench.report import markdown
 from mistral_ray.bench.targets import Target, _ours, _wait
 from mistral_ray.bench.workloads import random_prompts, warmup_prompts
 from mistral_ray.config import LLM_DEPLOYMENT, STATE_DIR
@@ -139,9 +140,7 @@ def main(argv=None) -> int:
     (out / "lora.json").write_text(json.dumps(rows, indent=2) + "\n")
     cols = ("run", "target", "workload", "req_per_s", "ttft_ms_p50", "ttft_ms_p95", "adapter_loads",
             "adapter_evictions", "max_over_mean", "hot_replicas", "errors")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    print(markdown(rows, cols))
     return 0
 
 

@@ -66,6 +66,13 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def markdown(rows: list[dict], cols: tuple[str, ...]) -> str:
+    """Rows of a bench module (the LoRA and tenants benches) as a Markdown table of `cols`."""
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def to_json(results: list[Result]) -> str:
     return json.dumps([asdict(r) for r in results], indent=2)
 

@@ -34,6 +34,7 @@ import httpx
 
 from mistral_ray.bench import vllm_client
 from mistral_ray.bench.load import Reply, _pct, drive, send, summarize
+from mistral_ray.bench.report import markdown
 from mistral_ray.bench.targets import Target, _ours, _wait, bench_service
 from mistral_ray.bench.workloads import random_prompts, warmup_prompts
 from mistral_ray.config import STATE_DIR
@@ -181,9 +182,7 @@ def main(argv=None) -> int:
     (out / "tenants.json").write_text(json.dumps(rows, indent=2) + "\n")
     cols = ("run", "target", "phase", "steady_ttft_ms_p50", "steady_ttft_ms_p95", "steady_success", "steady_refused",
             "flood_ok", "flood_refused", "total_ok_req_s")
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    print(markdown(rows, cols))
     return 0
 
 

@@ -148,7 +148,8 @@ class Checks:
         if len(self.load.sequences) >= self.load.max_ongoing:
             raise Refused(503, "this replica is at capacity; retry later", code="overloaded", retry_after_s=1,
                           reason="overload")
-        if self.fair is not None and self.fair.refuses(tenant, self.load.holders()):
+        fair = self.fair
+        if fair is not None and len(self.load.sequences) >= fair.soft and fair.refuses(tenant, self.load.holders()):
             raise Refused(503, "this replica is nearly full and your API key holds the largest share of it; "
                           "retry later", code="overloaded", retry_after_s=1, reason="fair_share")
 

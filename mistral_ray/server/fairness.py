@@ -44,7 +44,6 @@ TICKET: ContextVar[Optional[Ticket]] = ContextVar("mistral_ray_ticket", default=
 
 class FairShare:
     def __init__(self, capacity: int, reserve: float):
-        self.capacity = capacity
         # at least one request is always admitted: a reserve as large as the replica leaves it one
         self.soft = max(1, capacity - max(1, math.ceil(capacity * reserve))) if reserve > 0 else capacity
         self.clock = 0.0  # virtual time (never goes back)

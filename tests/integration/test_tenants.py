@@ -63,40 +63,33 @@ def wait_for_one(firsts: dict, prefix: str, timeout_s: float = 60) -> None:
     assert any(k.startswith(prefix) for k in firsts), f"no {prefix} request started"
 
 
-def test_a_higher_tier_runs_before_a_lower_tiers_waiting_requests(tenants):
-    url, model = tenants
+def overtakes(url, model, queue_key, queue_tokens, queued_at_least, late_key, **queue_kw) -> None:
+    """Six streams of `queue_key` (one runs, the engine is one sequence wide: the others wait), then one of
+    `late_key`: it runs next, after the one running or after one more if that one ended while the late one
+    was on its way."""
     firsts: dict = {}
-    # The batch key asks for the highest priority vLLM knows, by its header: the gate's priority wins.
-    lo = [launch(url, model, "lo", 300, firsts, f"lo{i}", headers={"X-Vllm-Priority": "-1000000"})
-          for i in range(4)]
-    wait_for_one(firsts, "lo")  # one runs; three wait in the engine's queue
+    early = [launch(url, model, queue_key, queue_tokens, firsts, f"{queue_key}{i}", **queue_kw) for i in range(6)]
+    wait_for_one(firsts, queue_key)
     time.sleep(0.3)
-    queued = [f"lo{i}" for i in range(4) if f"lo{i}" not in firsts]
-    assert len(queued) >= 2, firsts
-    hi = launch(url, model, "hi", 8, firsts, "hi")
-    for t in [*lo, hi]:
-        t.join(120)
-    assert firsts["hi"] is not None and all(firsts[q] is not None for q in queued)
-    # hi runs next: after the one running, or after one more if that one ended while hi was on its way
-    behind = [q for q in queued if firsts["hi"] < firsts[q]]
+    queued = [f"{queue_key}{i}" for i in range(6) if f"{queue_key}{i}" not in firsts]
+    assert len(queued) >= queued_at_least, firsts
+    late = launch(url, model, late_key, 8, firsts, late_key)
+    for t in [*early, late]:
+        t.join(180)
+    assert firsts[late_key] is not None and all(firsts[q] is not None for q in queued)
+    behind = [q for q in queued if firsts[late_key] < firsts[q]]
     assert len(behind) >= len(queued) - 1, {k: round(v, 2) for k, v in firsts.items()}
 
 
+def test_a_higher_tier_runs_before_a_lower_tiers_waiting_requests(tenants):
+    # The batch key asks for the highest priority vLLM knows, by its header: the gate's priority wins.
+    overtakes(*tenants, "lo", 200, 4, "hi", headers={"X-Vllm-Priority": "-1000000"})
+
+
 def test_a_light_key_goes_ahead_of_a_heavy_keys_backlog(tenants):
-    url, model = tenants
-    firsts: dict = {}
-    heavy = [launch(url, model, "a", 200, firsts, f"a{i}") for i in range(6)]
-    wait_for_one(firsts, "a")
-    time.sleep(0.3)
-    backlog = [f"a{i}" for i in range(6) if f"a{i}" not in firsts]
-    assert len(backlog) >= 4, firsts
-    light = launch(url, model, "b", 8, firsts, "b")
-    for t in [*heavy, light]:
-        t.join(120)
-    # b's start tag is the clock (where a's running request started); a's waiting ones start later, one
-    # request's tokens apart each: b runs next, or after at most the one of a's that was scheduled meanwhile.
-    behind = [q for q in backlog if firsts["b"] < firsts[q]]
-    assert len(behind) >= len(backlog) - 1, {k: round(v, 2) for k, v in firsts.items()}
+    # b's start tag is the clock (the oldest of a's held); a's waiting ones start later, one request's tokens
+    # apart each.
+    overtakes(*tenants, "a", 200, 4, "b")
 
 
 def test_a_client_set_priority_is_refused(tenants):
